@@ -1,0 +1,171 @@
+"""Delivers the hot path's series (:mod:`kserve_otel.series`) to OpenTelemetry SDK metric readers.
+
+A bridged reader receives, with every collection, the SDK's own metrics plus one extra scope
+(``kserve_otel``) holding the step histograms and counters as ordinary ``Histogram`` and ``Sum`` data,
+in the temporality the reader prefers. Readers and exporters downstream cannot tell them from metrics
+recorded through the SDK's instruments, which is the point: the Prometheus reader, the OTLP exporter and
+the in-memory reader of tests all work unchanged.
+
+How: the SDK hands every reader a collect callback through ``MetricReader._set_collect_callback`` (when it is
+registered with ``MeterProvider(metric_readers=...)`` or ``MeterProvider.add_metric_reader``).
+:func:`bridge_reader` wraps that callback on the reader instance, so the reader's own ``collect()`` returns
+the merged data. That method is the SDK's one seam between providers and readers (stable since SDK 1.10);
+it is the only SDK internal this package relies on for metrics, and ``tests/test_metrics_bridge.py`` fails
+loudly if it changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from time import time_ns
+from typing import Any
+
+from opentelemetry.sdk.metrics import Counter as CounterInstrument
+from opentelemetry.sdk.metrics import Histogram as HistogramInstrument
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+    MetricReader,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from ._version import __version__
+from .names import SCOPE_NAME
+from .series import REGISTRY, CounterFamily, HistogramFamily, SeriesRegistry
+
+_SCOPE = InstrumentationScope(SCOPE_NAME, __version__)
+_BRIDGE_ATTRIBUTE = "_kserve_otel_bridge"
+
+CollectCallback = Callable[..., "MetricsData | None"]
+
+
+class _ReaderBridge:
+    """Per-reader state: the temporality the reader wants, and for delta readers, what was last exported."""
+
+    def __init__(self, reader: MetricReader, registry: SeriesRegistry, resource: Resource | None) -> None:
+        temporality = getattr(reader, "_instrument_class_temporality", {})
+        cumulative = AggregationTemporality.CUMULATIVE
+        self.histogram_temporality = temporality.get(HistogramInstrument, cumulative)
+        self.counter_temporality = temporality.get(CounterInstrument, cumulative)
+        self.registry = registry
+        self.resource = resource
+        self._previous: dict[int, tuple[int, Any]] = {}  # id(series) -> (time of last export, what it exported)
+        self._lock = threading.Lock()
+
+    def wrap(self, collect: CollectCallback) -> CollectCallback:
+        def collect_with_steps(reader: MetricReader, timeout_millis: float = 10_000, **kwargs: Any) -> MetricsData | None:
+            data = collect(reader, timeout_millis=timeout_millis, **kwargs)
+            return self.merge(data)
+
+        collect_with_steps.__wrapped__ = collect  # type: ignore[attr-defined]
+        return collect_with_steps
+
+    def merge(self, data: MetricsData | None) -> MetricsData | None:
+        metrics = self.produce()
+        if not metrics:
+            return data
+        scope_metrics = ScopeMetrics(scope=_SCOPE, metrics=metrics, schema_url="")
+        if data is None or not data.resource_metrics:
+            resource = self.resource if self.resource is not None else Resource.get_empty()
+            return MetricsData(resource_metrics=[ResourceMetrics(resource, [scope_metrics], resource.schema_url)])
+        first, *rest = data.resource_metrics
+        merged = ResourceMetrics(first.resource, [*first.scope_metrics, scope_metrics], first.schema_url)
+        return MetricsData(resource_metrics=[merged, *rest])
+
+    def produce(self) -> list[Metric]:
+        """One OpenTelemetry ``Metric`` per family that has series, in this reader's temporality."""
+        now = time_ns()
+        metrics: list[Metric] = []
+        with self._lock:  # two collections of one reader at once must not interleave their delta state
+            for family in self.registry.families():
+                if isinstance(family, HistogramFamily):
+                    hist_points = self._histogram_points(family, now)
+                    if hist_points:
+                        metrics.append(Metric(family.name, family.description, family.unit, Histogram(
+                            data_points=hist_points, aggregation_temporality=self.histogram_temporality,
+                        )))
+                elif isinstance(family, CounterFamily):
+                    sum_points = self._counter_points(family, now)
+                    if sum_points:
+                        metrics.append(Metric(family.name, family.description, family.unit, Sum(
+                            data_points=sum_points, aggregation_temporality=self.counter_temporality,
+                            is_monotonic=True,
+                        )))
+        return metrics
+
+    def _histogram_points(self, family: HistogramFamily, now: int) -> list[HistogramDataPoint]:
+        delta = self.histogram_temporality == AggregationTemporality.DELTA
+        points = []
+        for series in family.all_series():
+            counts, total, low, high, interval_low, interval_high = series.snapshot(reset_interval=delta)
+            start = series.start_time_ns
+            if delta:
+                last_time, last = self._previous.get(id(series), (start, None))
+                self._previous[id(series)] = (now, (counts, total))
+                if last is not None:
+                    counts = tuple(c - p for c, p in zip(counts, last[0]))
+                    total -= last[1]
+                start, low, high = last_time, interval_low, interval_high
+            count = sum(counts)
+            if count == 0:  # a series is created just before its first observation
+                continue
+            points.append(HistogramDataPoint(
+                attributes=series.attributes, start_time_unix_nano=start, time_unix_nano=now, count=count,
+                sum=total, bucket_counts=counts, explicit_bounds=series.bounds, min=low, max=high,
+            ))
+        return points
+
+    def _counter_points(self, family: CounterFamily, now: int) -> list[NumberDataPoint]:
+        delta = self.counter_temporality == AggregationTemporality.DELTA
+        points = []
+        for series in family.all_series():
+            value, start = series.value, series.start_time_ns
+            if delta:
+                last_time, last = self._previous.get(id(series), (start, 0))
+                self._previous[id(series)] = (now, value)
+                value, start = value - last, last_time
+                if value == 0:
+                    continue
+            points.append(NumberDataPoint(
+                attributes=series.attributes, start_time_unix_nano=start, time_unix_nano=now, value=value,
+            ))
+        return points
+
+
+def bridge_reader(
+    reader: MetricReader, resource: Resource | None = None, registry: SeriesRegistry = REGISTRY
+) -> MetricReader:
+    """Make ``reader`` receive the step metrics with every collection; returns ``reader``.
+
+    Call it before or after the reader is registered with a ``MeterProvider``; calling it twice is harmless.
+    ``resource`` is used when the provider itself has no metrics to report (it normally has, and then the
+    provider's resource is kept).
+    """
+    if getattr(reader, _BRIDGE_ATTRIBUTE, None) is not None:
+        return reader
+    bridge = _ReaderBridge(reader, registry, resource)
+    original_setter = reader._set_collect_callback  # the SDK's seam; see the module docstring
+
+    def set_collect_callback(func: CollectCallback | None) -> None:
+        original_setter(None if func is None else bridge.wrap(func))
+
+    reader._set_collect_callback = set_collect_callback  # type: ignore[method-assign]
+    setattr(reader, _BRIDGE_ATTRIBUTE, bridge)
+    current = getattr(reader, "_collect", None)
+    if current is not None:  # already registered with a provider
+        original_setter(bridge.wrap(current))
+    return reader
+
+
+def is_bridged(reader: MetricReader) -> bool:
+    """Whether :func:`bridge_reader` was applied to ``reader``."""
+    return getattr(reader, _BRIDGE_ATTRIBUTE, None) is not None

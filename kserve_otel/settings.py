@@ -1,0 +1,324 @@
+"""The one source of truth for configuration: every setting, where it may come from, and how it is checked.
+
+Precedence, highest first: an explicit argument > a ``KSERVE_OTEL_*`` environment variable > the standard
+``OTEL_*`` variable > a pod annotation (downward-API file) > the default. A bad argument or environment value
+raises :class:`SettingsError` naming the setting, where the value came from and what is accepted. A bad pod
+annotation is logged and ignored instead: annotations are written by the platform, and they must never stop a
+model server from serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .annotations import (
+    ANNOTATION_ENABLE_SCRAPING,
+    ANNOTATION_PROMETHEUS_PATH,
+    ANNOTATION_PROMETHEUS_PORT,
+    DEFAULT_ANNOTATIONS_FILE,
+    read_annotations,
+)
+from .names import KSERVE_BUCKETS
+
+_logger = logging.getLogger(__name__)
+
+METRICS_EXPORTERS = ("prometheus", "otlp", "console", "none")
+TRACES_EXPORTERS = ("otlp", "console", "none")
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+
+
+class SettingsError(ValueError):
+    """A setting has a value that is not accepted. The message names the setting, the source and the choices."""
+
+
+# --------------------------------------------------------------------------------------------- parsers
+# Each parser takes a value (a string from the environment or a file, or a typed explicit argument) and
+# returns the typed value, or raises ValueError with the list of accepted values as its message.
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off", "")
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("true or false (also 1/0, yes/no, on/off)")
+
+
+def _parse_port(value: Any) -> int:
+    accepted = "a whole number from 0 to 65535 (0 picks a free port)"
+    if isinstance(value, bool):
+        raise ValueError(accepted)
+    try:
+        port = int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        raise ValueError(accepted) from None
+    if not 0 <= port <= 65535:
+        raise ValueError(accepted)
+    return port
+
+
+def _parse_path(value: Any) -> str:
+    path = str(value).strip()
+    if not path.startswith("/") or any(c.isspace() or c in "?#" for c in path):
+        raise ValueError("a URL path starting with '/', without spaces, '?' or '#' (for example /metrics)")
+    return path
+
+
+def _parse_host(value: Any) -> str:
+    host = str(value).strip()
+    if not host or any(c.isspace() or c == "/" for c in host):
+        raise ValueError("a host name or IP address to bind, such as 0.0.0.0, 127.0.0.1 or ::")
+    return host
+
+
+def _choice_list(choices: tuple[str, ...]) -> Callable[[Any], tuple[str, ...]]:
+    def parse(value: Any) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        names = tuple(dict.fromkeys(str(item).strip().lower() for item in items if str(item).strip()))
+        if not names or any(name not in choices for name in names) or ("none" in names and len(names) > 1):
+            raise ValueError(f"a comma-separated list of {', '.join(choices)} ('none' alone turns it off)")
+        return () if names == ("none",) else names
+
+    return parse
+
+
+def _parse_sampler(value: Any) -> str:
+    name = str(value).strip().lower()
+    if name not in SAMPLERS:
+        raise ValueError(", ".join(SAMPLERS))
+    return name
+
+
+def _parse_ratio(value: Any) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    accepted = "a number from 0 to 1 (the fraction of traces sampled)"
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(accepted) from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(accepted)
+    return ratio
+
+
+def _parse_buckets(value: Any) -> tuple[float, ...]:
+    accepted = "a comma-separated list of increasing positive numbers of seconds, such as 0.01,0.1,1,10"
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        bounds = tuple(float(item) for item in items if str(item).strip())
+    except (TypeError, ValueError):
+        raise ValueError(accepted) from None
+    if not bounds or bounds[0] <= 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(accepted)
+    return bounds
+
+
+def _parse_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    name = str(value).strip()
+    if not name:
+        raise ValueError("a non-empty name")
+    return name
+
+
+def _parse_file(value: Any) -> str:
+    path = os.fspath(value).strip() if not isinstance(value, str) else value.strip()
+    if not path:
+        raise ValueError("a file path")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One row of the settings table: a setting's name and every place its value may come from."""
+
+    name: str
+    env: str
+    default: Any
+    parse: Callable[[Any], Any]
+    doc: str
+    otel_env: str | None = None
+    annotation: str | None = None
+
+
+SETTINGS_TABLE: tuple[SettingSpec, ...] = (
+    SettingSpec(
+        "enabled", "KSERVE_OTEL_ENABLED", False, _parse_bool,
+        "Turn on auto-instrumentation at import time (an explicit configure() call always configures).",
+        annotation=ANNOTATION_ENABLE_SCRAPING,
+    ),
+    SettingSpec(
+        "metrics_host", "KSERVE_OTEL_METRICS_HOST", "0.0.0.0", _parse_host,
+        "Address the Prometheus endpoint binds when it runs on a port of its own.",
+        otel_env="OTEL_EXPORTER_PROMETHEUS_HOST",
+    ),
+    SettingSpec(
+        "metrics_port", "KSERVE_OTEL_METRICS_PORT", 8080, _parse_port,
+        "Port of the Prometheus endpoint (KServe's default annotation is the model server's port, 8080).",
+        otel_env="OTEL_EXPORTER_PROMETHEUS_PORT", annotation=ANNOTATION_PROMETHEUS_PORT,
+    ),
+    SettingSpec(
+        "metrics_path", "KSERVE_OTEL_METRICS_PATH", "/metrics", _parse_path,
+        "Exact path of the Prometheus endpoint; other paths answer 404.",
+        annotation=ANNOTATION_PROMETHEUS_PATH,
+    ),
+    SettingSpec(
+        "metrics_exporters", "KSERVE_OTEL_METRICS_EXPORTER", ("prometheus",), _choice_list(METRICS_EXPORTERS),
+        "Where metrics go: prometheus (the endpoint), otlp (push), console; comma-separated, or none.",
+        otel_env="OTEL_METRICS_EXPORTER",
+    ),
+    SettingSpec(
+        "traces_exporter", "KSERVE_OTEL_TRACES_EXPORTER", (), _choice_list(TRACES_EXPORTERS),
+        "Where spans go when kserve-otel installs the TracerProvider: otlp, console, or none.",
+        otel_env="OTEL_TRACES_EXPORTER",
+    ),
+    SettingSpec(
+        "traces_sampler", "KSERVE_OTEL_TRACES_SAMPLER", "parentbased_always_on", _parse_sampler,
+        "Sampler of a TracerProvider that kserve-otel installs.",
+        otel_env="OTEL_TRACES_SAMPLER",
+    ),
+    SettingSpec(
+        "traces_sampler_arg", "KSERVE_OTEL_TRACES_SAMPLER_ARG", None, _parse_ratio,
+        "Ratio for the traceidratio samplers (default 1.0).",
+        otel_env="OTEL_TRACES_SAMPLER_ARG",
+    ),
+    SettingSpec(
+        "service_name", "KSERVE_OTEL_SERVICE_NAME", None, _parse_name,
+        "service.name of the resource (OTEL_RESOURCE_ATTRIBUTES is honoured as well).",
+        otel_env="OTEL_SERVICE_NAME",
+    ),
+    SettingSpec(
+        "buckets", "KSERVE_OTEL_BUCKETS", KSERVE_BUCKETS, _parse_buckets,
+        "Bucket boundaries in seconds of the step histograms (KServe's by default).",
+    ),
+    SettingSpec(
+        "annotations_file", "KSERVE_OTEL_ANNOTATIONS_FILE", DEFAULT_ANNOTATIONS_FILE, _parse_file,
+        "Downward-API file holding the pod's annotations.",
+    ),
+)
+
+_SPECS = {spec.name: spec for spec in SETTINGS_TABLE}
+
+
+# --------------------------------------------------------------------------------------------- Settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration. Build it with :meth:`Settings.load`; ``sources`` says where each value came from."""
+
+    enabled: bool = False
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 8080
+    metrics_path: str = "/metrics"
+    metrics_exporters: tuple[str, ...] = ("prometheus",)
+    traces_exporter: tuple[str, ...] = ()
+    traces_sampler: str = "parentbased_always_on"
+    traces_sampler_arg: float | None = None
+    service_name: str | None = None
+    buckets: tuple[float, ...] = KSERVE_BUCKETS
+    annotations_file: str = DEFAULT_ANNOTATIONS_FILE
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **arguments: Any) -> Settings:
+        """Resolve every setting from ``arguments``, ``environ`` (default ``os.environ``) and pod annotations.
+
+        Arguments that are ``None`` count as not given. Unknown argument names raise :class:`TypeError`.
+        """
+        env = os.environ if environ is None else environ
+        unknown = sorted(set(arguments) - set(_SPECS))
+        if unknown:
+            raise TypeError(
+                f"unknown setting(s) {', '.join(unknown)}; the settings are {', '.join(_SPECS)}"
+            )
+        given = {name: value for name, value in arguments.items() if value is not None}
+
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        # The annotations file is itself a setting; it has no annotation source, so resolve it first.
+        annotations_path = _resolve(_SPECS["annotations_file"], given, env, {}, "", values, sources)
+        annotations = read_annotations(annotations_path)
+        for spec in SETTINGS_TABLE:
+            if spec.name != "annotations_file":
+                _resolve(spec, given, env, annotations, annotations_path, values, sources)
+        return cls(**values, sources=sources)
+
+    def source_of(self, name: str) -> str:
+        """Where the value of setting ``name`` came from, in words (``"default"``, ``"KSERVE_OTEL_METRICS_PORT"``...)."""
+        return self.sources.get(name, "default")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The resolved values, by setting name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
+
+
+def _resolve(
+    spec: SettingSpec,
+    given: Mapping[str, Any],
+    env: Mapping[str, str],
+    annotations: Mapping[str, str],
+    annotations_path: str,
+    values: dict[str, Any],
+    sources: dict[str, str],
+) -> Any:
+    candidates: list[tuple[str, Any]] = []
+    if spec.name in given:
+        candidates.append((f"argument {spec.name}", given[spec.name]))
+    if spec.env in env:
+        candidates.append((f"environment variable {spec.env}", env[spec.env]))
+    if spec.otel_env and spec.otel_env in env:
+        candidates.append((f"environment variable {spec.otel_env}", env[spec.otel_env]))
+    for source, raw in candidates:
+        try:
+            value = spec.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"setting {spec.name}: {raw!r} from {source} is not valid; accepted: {exc}") from None
+        values[spec.name], sources[spec.name] = value, source
+        return value
+    if spec.annotation and spec.annotation in annotations:
+        raw = annotations[spec.annotation]
+        source = f"pod annotation {spec.annotation} in {annotations_path}"
+        try:
+            value = spec.parse(raw)
+        except ValueError as exc:
+            _logger.error(
+                "kserve-otel: setting %s: %r from %s is not valid (accepted: %s); using the default %r",
+                spec.name, raw, source, exc, spec.default,
+            )
+        else:
+            values[spec.name], sources[spec.name] = value, source
+            return value
+    values[spec.name], sources[spec.name] = spec.default, "default"
+    return spec.default
+
+
+def settings_table_rows() -> Iterable[tuple[str, str, str, str, str, str]]:
+    """(setting, KSERVE_OTEL_* variable, OTEL_* variable, annotation, default, meaning) for each setting."""
+    for spec in SETTINGS_TABLE:
+        default = spec.default
+        if isinstance(default, tuple):
+            default = ",".join(str(v) for v in default) or "none"
+        yield (spec.name, spec.env, spec.otel_env or "", spec.annotation or "", str(default), spec.doc)

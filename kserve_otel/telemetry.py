@@ -1,0 +1,299 @@
+"""``configure()``: one idempotent call that connects the step series to OpenTelemetry and to Prometheus.
+
+What it does, in order:
+
+1. Resolves :class:`~kserve_otel.settings.Settings` (argument > ``KSERVE_OTEL_*`` > ``OTEL_*`` > pod
+   annotation > default); a bad value raises :class:`~kserve_otel.settings.SettingsError` here, at start-up.
+2. Metrics: creates the readers the settings ask for (a Prometheus reader on a registry of its own, an OTLP or
+   console periodic reader), bridges each to the step series, and registers them with the meter provider: the
+   one passed in, else the global SDK provider if the application or a framework installed one (readers are
+   *added* to it, nothing is replaced), else a new SDK provider that becomes the global one.
+3. Traces: with a span exporter configured, adds a batch span processor to the tracer provider passed in,
+   else to the global SDK provider (Ray Serve installs its own in replicas), else installs a new global SDK
+   provider with the configured sampler. Without an exporter it installs nothing: step spans then go to
+   whatever provider the application set, and cost nothing when there is none.
+4. Starts the Prometheus endpoint on its own port, unless ``serve_endpoint=False`` (an integration then
+   mounts :attr:`Telemetry.asgi_middleware` into the app that owns that port).
+
+Steps that ran before ``configure()`` were counted all the same: their observations appear in the first
+export after it. Their spans went to the tracer provider of that moment (none, unless the application set one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import metrics as metrics_api
+from opentelemetry import trace as trace_api
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client import CollectorRegistry
+
+from . import tracing
+from .exposition import ASGIApp, MetricsMiddleware, MetricsServer
+from .metrics_bridge import bridge_reader
+from .series import REGISTRY as SERIES
+from .settings import Settings, SettingsError
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Telemetry:
+    """What :func:`configure` set up. Keep it to inspect, mount or shut down what is running."""
+
+    settings: Settings
+    meter_provider: Any
+    tracer_provider: Any
+    #: The registry the Prometheus endpoint serves (``None`` without the ``prometheus`` exporter).
+    prometheus_registry: CollectorRegistry | None = None
+    #: The standalone endpoint, if it was started (``None`` when mounted into an app or when the port was busy).
+    metrics_server: MetricsServer | None = None
+    readers: list[MetricReader] = field(default_factory=list)
+    span_processors: list[SpanProcessor] = field(default_factory=list)
+    owns_meter_provider: bool = False
+    owns_tracer_provider: bool = False
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where the standalone endpoint answers, if it runs."""
+        return self.metrics_server.url if self.metrics_server and self.metrics_server.running else None
+
+    def asgi_middleware(self, app: ASGIApp) -> MetricsMiddleware:
+        """Wrap ``app`` so that it answers the metrics path itself (the endpoint on the app's own port)."""
+        return MetricsMiddleware(app, lambda: self.prometheus_registry, self.settings.metrics_path)
+
+    def force_flush(self, timeout_millis: int = 10_000) -> None:
+        """Export pending spans and push metrics now (OTLP and console readers)."""
+        for processor in self.span_processors:
+            processor.force_flush(timeout_millis)
+        for reader in self.readers:
+            if isinstance(reader, PeriodicExportingMetricReader):
+                reader.force_flush(timeout_millis)
+
+    def summary(self) -> str:
+        """One short paragraph saying where metrics and traces go."""
+        s = self.settings
+        parts = []
+        if self.metrics_url:
+            parts.append(f"metrics: {self.metrics_url}")
+        elif self.prometheus_registry is not None:
+            parts.append(f"metrics: {s.metrics_path} on the application's port {s.metrics_port}")
+        for name in s.metrics_exporters:
+            if name != "prometheus":
+                parts.append(f"metrics pushed: {name}")
+        parts.append(f"traces: {', '.join(s.traces_exporter) or 'not exported by kserve-otel'}")
+        return "kserve-otel: " + "; ".join(parts)
+
+
+_lock = threading.Lock()
+_current: Telemetry | None = None
+
+
+def get_telemetry() -> Telemetry | None:
+    """The :class:`Telemetry` of the last :func:`configure`, or ``None``."""
+    return _current
+
+
+def configure(
+    settings: Settings | None = None,
+    *,
+    meter_provider: Any = None,
+    tracer_provider: Any = None,
+    serve_endpoint: bool = True,
+    **arguments: Any,
+) -> Telemetry:
+    """Set up metrics, traces and the Prometheus endpoint; calling it again returns what the first call set up.
+
+    Args:
+        settings: resolved settings; by default ``Settings.load(**arguments)``.
+        meter_provider: an SDK ``MeterProvider`` to add this package's readers to (default: the global one).
+        tracer_provider: a ``TracerProvider`` for step spans (default: the global one).
+        serve_endpoint: start the standalone endpoint on ``metrics_port``; pass False when the application
+            mounts :meth:`Telemetry.asgi_middleware` on its own port instead.
+        **arguments: explicit settings, such as ``metrics_port=9090``; see :class:`Settings`.
+
+    Raises:
+        SettingsError: a setting has a value that is not accepted.
+    """
+    global _current
+    with _lock:
+        if _current is not None:
+            if settings is not None or arguments or meter_provider is not None or tracer_provider is not None:
+                _logger.warning(
+                    "kserve-otel: configure() was called before; keeping that configuration "
+                    "(call kserve_otel.shutdown() first to change it)"
+                )
+            return _current
+        resolved = settings if settings is not None else Settings.load(**arguments)
+        telemetry = _build(resolved, meter_provider, tracer_provider, serve_endpoint)
+        _current = telemetry
+        return telemetry
+
+
+def shutdown() -> None:
+    """Undo :func:`configure`: stop the endpoint, flush and detach readers and span processors.
+
+    Providers that kserve-otel installed globally stay installed (OpenTelemetry allows setting them once per
+    process) but lose kserve-otel's readers and exporters; a later :func:`configure` adds new ones.
+    """
+    global _current
+    with _lock:
+        telemetry, _current = _current, None
+    if telemetry is None:
+        return
+    if telemetry.metrics_server is not None:
+        telemetry.metrics_server.stop()
+    provider = telemetry.meter_provider
+    for reader in telemetry.readers:
+        try:
+            if isinstance(provider, MeterProvider):
+                provider.remove_metric_reader(reader)
+            reader.shutdown()
+        except Exception:  # noqa: BLE001 - a failing exporter must not stop a shutdown
+            _logger.exception("kserve-otel: shutting down a metric reader failed")
+    for processor in telemetry.span_processors:
+        try:
+            processor.shutdown()
+        except Exception:  # noqa: BLE001
+            _logger.exception("kserve-otel: shutting down a span processor failed")
+    tracing.set_tracer_provider(None)
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def _build(settings: Settings, meter_provider: Any, tracer_provider: Any, serve_endpoint: bool) -> Telemetry:
+    SERIES.default_bounds = settings.buckets
+    resource = _resource(settings)
+    readers, registry = _metric_readers(settings, resource)
+    meter_provider, owns_meters = _attach_readers(readers, meter_provider, resource)
+    tracer_provider, processors, owns_traces = _attach_span_export(settings, tracer_provider, resource)
+    telemetry = Telemetry(
+        settings=settings, meter_provider=meter_provider, tracer_provider=tracer_provider,
+        prometheus_registry=registry, readers=readers, span_processors=processors,
+        owns_meter_provider=owns_meters, owns_tracer_provider=owns_traces,
+    )
+    if registry is not None and serve_endpoint:
+        server = MetricsServer(registry, settings.metrics_host, settings.metrics_port, settings.metrics_path)
+        if server.start(source=settings.source_of("metrics_port")):
+            telemetry.metrics_server = server
+    return telemetry
+
+
+def _resource(settings: Settings) -> Resource:
+    attributes: dict[str, Any] = {"telemetry.distro.name": "kserve-otel"}
+    if settings.service_name and settings.source_of("service_name") != "environment variable OTEL_SERVICE_NAME":
+        attributes[SERVICE_NAME] = settings.service_name
+    # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES itself.
+    return Resource.create(attributes)
+
+
+def _metric_readers(settings: Settings, resource: Resource) -> tuple[list[MetricReader], CollectorRegistry | None]:
+    readers: list[MetricReader] = []
+    registry = None
+    for name in settings.metrics_exporters:
+        if name == "prometheus":
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+            registry = CollectorRegistry(auto_describe=True)
+            readers.append(PrometheusMetricReader(registry=registry, scope_info_enabled=False))
+        elif name == "otlp":
+            readers.append(PeriodicExportingMetricReader(_otlp("metrics")))
+        elif name == "console":
+            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    for reader in readers:
+        bridge_reader(reader, resource)
+    return readers, registry
+
+
+def _otlp(signal: str) -> Any:
+    try:
+        if signal == "metrics":
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+            return OTLPMetricExporter()
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    except ImportError:
+        raise SettingsError(
+            f"the otlp {signal} exporter needs the OTLP package: pip install 'kserve-otel[otlp]'"
+        ) from None
+
+
+def _attach_readers(readers: list[MetricReader], provider: Any, resource: Resource) -> tuple[Any, bool]:
+    owns = False
+    if provider is None:
+        provider = metrics_api.get_meter_provider()
+        if not isinstance(provider, MeterProvider):
+            provider = MeterProvider(resource=resource)
+            metrics_api.set_meter_provider(provider)
+            owns = metrics_api.get_meter_provider() is provider
+    if not isinstance(provider, MeterProvider):
+        if readers:
+            _logger.warning(
+                "kserve-otel: the meter provider %r is not an OpenTelemetry SDK MeterProvider; "
+                "step metrics are not exported through it", provider,
+            )
+        return provider, owns
+    for reader in readers:
+        provider.add_metric_reader(reader)
+    return provider, owns
+
+
+def _attach_span_export(settings: Settings, provider: Any, resource: Resource) -> tuple[Any, list[SpanProcessor], bool]:
+    if provider is not None:
+        tracing.set_tracer_provider(provider)
+    exporters = [_span_exporter(name) for name in settings.traces_exporter]
+    if not exporters:
+        return provider or trace_api.get_tracer_provider(), [], False
+    owns = False
+    if provider is None:
+        provider = trace_api.get_tracer_provider()
+        if not isinstance(provider, TracerProvider):
+            provider = TracerProvider(resource=resource, sampler=_sampler(settings))
+            trace_api.set_tracer_provider(provider)
+            owns = trace_api.get_tracer_provider() is provider
+    processors: list[SpanProcessor] = []
+    if isinstance(provider, TracerProvider):
+        for exporter in exporters:
+            processor = BatchSpanProcessor(exporter)
+            provider.add_span_processor(processor)
+            processors.append(processor)
+    else:
+        _logger.warning(
+            "kserve-otel: the tracer provider %r is not an OpenTelemetry SDK TracerProvider; "
+            "spans are not exported by kserve-otel", provider,
+        )
+    return provider, processors, owns
+
+
+def _span_exporter(name: str) -> Any:
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    return _otlp("traces")
+
+
+def _sampler(settings: Settings) -> Any:
+    from opentelemetry.sdk.trace import sampling
+
+    ratio = 1.0 if settings.traces_sampler_arg is None else settings.traces_sampler_arg
+    return {
+        "always_on": lambda: sampling.ALWAYS_ON,
+        "always_off": lambda: sampling.ALWAYS_OFF,
+        "traceidratio": lambda: sampling.TraceIdRatioBased(ratio),
+        "parentbased_always_on": lambda: sampling.ParentBased(sampling.ALWAYS_ON),
+        "parentbased_always_off": lambda: sampling.ParentBased(sampling.ALWAYS_OFF),
+        "parentbased_traceidratio": lambda: sampling.ParentBased(sampling.TraceIdRatioBased(ratio)),
+    }[settings.traces_sampler]()
