@@ -52,10 +52,8 @@ class _ReaderBridge:
     """Per-reader state: the temporality the reader wants, and for delta readers, what was last exported."""
 
     def __init__(self, reader: MetricReader, registry: SeriesRegistry, resource: Resource | None) -> None:
-        temporality = getattr(reader, "_instrument_class_temporality", {})
-        cumulative = AggregationTemporality.CUMULATIVE
-        self.histogram_temporality = temporality.get(HistogramInstrument, cumulative)
-        self.counter_temporality = temporality.get(CounterInstrument, cumulative)
+        self.histogram_temporality = _preferred_temporality(reader, HistogramInstrument)
+        self.counter_temporality = _preferred_temporality(reader, CounterInstrument)
         self.registry = registry
         self.resource = resource
         self._previous: dict[int, tuple[int, Any]] = {}  # id(series) -> (time of last export, what it exported)
@@ -139,6 +137,15 @@ class _ReaderBridge:
                 attributes=series.attributes, start_time_unix_nano=start, time_unix_nano=now, value=value,
             ))
         return points
+
+
+def _preferred_temporality(reader: MetricReader, instrument: type) -> AggregationTemporality:
+    # The reader keys its preferences by the SDK's private instrument classes, subclasses of the public ones.
+    preferences = getattr(reader, "_instrument_class_temporality", {})
+    for cls, temporality in preferences.items():
+        if isinstance(cls, type) and issubclass(cls, instrument):
+            return temporality  # type: ignore[no-any-return]
+    return AggregationTemporality.CUMULATIVE
 
 
 def bridge_reader(

@@ -154,8 +154,9 @@ def shutdown() -> None:
     for reader in telemetry.readers:
         try:
             if isinstance(provider, MeterProvider):
-                provider.remove_metric_reader(reader)
-            reader.shutdown()
+                provider.remove_metric_reader(reader)  # also shuts the reader down
+            else:
+                reader.shutdown()
         except Exception:  # noqa: BLE001 - a failing exporter must not stop a shutdown
             _logger.exception("kserve-otel: shutting down a metric reader failed")
     for processor in telemetry.span_processors:
