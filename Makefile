@@ -1,0 +1,14 @@
+# The two set-up commands of the README. Both install what they need first (scripts/setup.sh).
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+.PHONY: run test setup bench
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(VENV)/bin/python examples/sklearn_iris/serve.py
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
