@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	$(VENV)/bin/python examples/sklearn_iris/serve.py
+	$(VENV)/bin/python -m examples.sklearn_iris.serve $(ARGS)
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

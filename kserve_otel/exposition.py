@@ -17,12 +17,13 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 _logger = logging.getLogger(__name__)
@@ -54,6 +55,25 @@ def render(registry: Collector, accept: str | None, accept_encoding: str | None)
         headers.append(("Content-Encoding", "gzip"))
     headers.append(("Content-Length", str(len(body))))
     return headers, body
+
+
+class MergedCollector:
+    """Collects several registries as one, each metric family name once (the first registry's wins).
+
+    The KServe integration serves this package's registry together with prometheus_client's global one
+    (process metrics, a model's own metrics), as KServe's own ``/metrics`` did.
+    """
+
+    def __init__(self, *collectors: Collector) -> None:
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        seen: set[str] = set()
+        for collector in self.collectors:
+            for family in collector.collect():
+                if family.name not in seen:
+                    seen.add(family.name)
+                    yield family
 
 
 # --------------------------------------------------------------------------------------------- standalone

@@ -16,6 +16,7 @@ loudly if it changes.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from time import time_ns
@@ -58,6 +59,10 @@ class _ReaderBridge:
         self.resource = resource
         self._previous: dict[int, tuple[int, Any]] = {}  # id(series) -> (time of last export, what it exported)
         self._lock = threading.Lock()
+        #: Other processes of the same server (a :class:`~kserve_otel.peers.PeerExchange`) whose series this
+        #: reader reports summed with this process's: set for the Prometheus endpoint of a multi-worker
+        #: server. Cumulative readers only (a sum over processes has no per-process delta state).
+        self.peers: Any = None
 
     def wrap(self, collect: CollectCallback) -> CollectCallback:
         def collect_with_steps(reader: MetricReader, timeout_millis: float = 10_000, **kwargs: Any) -> MetricsData | None:
@@ -82,6 +87,8 @@ class _ReaderBridge:
     def produce(self) -> list[Metric]:
         """One OpenTelemetry ``Metric`` per family that has series, in this reader's temporality."""
         now = time_ns()
+        if self.peers is not None and self.histogram_temporality == self.counter_temporality == _CUMULATIVE:
+            return _metrics_from_snapshot(self.peers.merged_snapshot(), now)
         metrics: list[Metric] = []
         with self._lock:  # two collections of one reader at once must not interleave their delta state
             for family in self.registry.families():
@@ -139,6 +146,33 @@ class _ReaderBridge:
         return points
 
 
+_CUMULATIVE = AggregationTemporality.CUMULATIVE
+
+
+def _metrics_from_snapshot(families: list[dict[str, Any]], now: int) -> list[Metric]:
+    """Cumulative OpenTelemetry metrics from a :mod:`kserve_otel.peers` snapshot (a sum over processes)."""
+    metrics: list[Metric] = []
+    for family in families:
+        if family["kind"] == "histogram":
+            points: list[Any] = [HistogramDataPoint(
+                attributes=series["attributes"], start_time_unix_nano=series["start"], time_unix_nano=now,
+                count=sum(series["counts"]), sum=series["sum"], bucket_counts=tuple(series["counts"]),
+                explicit_bounds=tuple(family["bounds"]),
+                min=math.inf if series["min"] is None else series["min"],
+                max=-math.inf if series["max"] is None else series["max"],
+            ) for series in family["series"] if sum(series["counts"])]
+            data: Any = Histogram(data_points=points, aggregation_temporality=_CUMULATIVE)
+        else:
+            points = [NumberDataPoint(
+                attributes=series["attributes"], start_time_unix_nano=series["start"], time_unix_nano=now,
+                value=series["value"],
+            ) for series in family["series"]]
+            data = Sum(data_points=points, aggregation_temporality=_CUMULATIVE, is_monotonic=True)
+        if points:
+            metrics.append(Metric(family["name"], family["description"], family["unit"], data))
+    return metrics
+
+
 def _preferred_temporality(reader: MetricReader, instrument: type) -> AggregationTemporality:
     # The reader keys its preferences by the SDK's private instrument classes, subclasses of the public ones.
     preferences = getattr(reader, "_instrument_class_temporality", {})
@@ -173,6 +207,11 @@ def bridge_reader(
     return reader
 
 
+def bridge_of(reader: MetricReader) -> _ReaderBridge | None:
+    """The bridge :func:`bridge_reader` gave ``reader`` (``None`` if it has none)."""
+    return getattr(reader, _BRIDGE_ATTRIBUTE, None)
+
+
 def is_bridged(reader: MetricReader) -> bool:
     """Whether :func:`bridge_reader` was applied to ``reader``."""
-    return getattr(reader, _BRIDGE_ATTRIBUTE, None) is not None
+    return bridge_of(reader) is not None

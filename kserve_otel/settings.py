@@ -28,6 +28,7 @@ _logger = logging.getLogger(__name__)
 
 METRICS_EXPORTERS = ("prometheus", "otlp", "console", "none")
 TRACES_EXPORTERS = ("otlp", "console", "none")
+LATENCY_LOG_MODES = ("trace_id", "kserve", "off")
 SAMPLERS = (
     "always_on",
     "always_off",
@@ -131,6 +132,13 @@ def _parse_buckets(value: Any) -> tuple[float, ...]:
     return bounds
 
 
+def _parse_latency_log(value: Any) -> str:
+    mode = str(value).strip().lower()
+    if mode not in LATENCY_LOG_MODES:
+        raise ValueError(", ".join(LATENCY_LOG_MODES))
+    return mode
+
+
 def _parse_name(value: Any) -> str | None:
     if value is None:
         return None
@@ -214,6 +222,10 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
         "Bucket boundaries in seconds of the step histograms (KServe's by default).",
     ),
     SettingSpec(
+        "latency_log", "KSERVE_OTEL_LATENCY_LOG", "trace_id", _parse_latency_log,
+        "KServe's per-request latency log line: trace_id (with the trace id added), kserve (unchanged), off.",
+    ),
+    SettingSpec(
         "annotations_file", "KSERVE_OTEL_ANNOTATIONS_FILE", DEFAULT_ANNOTATIONS_FILE, _parse_file,
         "Downward-API file holding the pod's annotations.",
     ),
@@ -239,6 +251,7 @@ class Settings:
     traces_sampler_arg: float | None = None
     service_name: str | None = None
     buckets: tuple[float, ...] = KSERVE_BUCKETS
+    latency_log: str = "trace_id"
     annotations_file: str = DEFAULT_ANNOTATIONS_FILE
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -265,6 +278,11 @@ class Settings:
             if spec.name != "annotations_file":
                 _resolve(spec, given, env, annotations, annotations_path, values, sources)
         return cls(**values, sources=sources)
+
+    @staticmethod
+    def field_names() -> tuple[str, ...]:
+        """The names of every setting (the keyword arguments :meth:`load` and ``configure()`` accept)."""
+        return tuple(spec.name for spec in SETTINGS_TABLE)
 
     def source_of(self, name: str) -> str:
         """Where the value of setting ``name`` came from, in words (``"default"``, ``"KSERVE_OTEL_METRICS_PORT"``...)."""

@@ -27,6 +27,7 @@ import functools
 import inspect
 import types
 from collections.abc import AsyncGenerator, Callable, Generator
+from contextvars import ContextVar
 from time import perf_counter
 from typing import Any, TypeVar, overload
 
@@ -52,7 +53,8 @@ STEP_ATTRIBUTE = "__kserve_otel_step__"
 
 
 class _ModelInfo:
-    """What a step needs per model at call time, computed once per (step, model)."""
+    """What a step needs per model at call time, computed once per (step, model) and shared by every
+    callable recording that step for that model (see :data:`_active`)."""
 
     __slots__ = ("name", "series", "span_name", "span_attributes")
 
@@ -63,6 +65,21 @@ class _ModelInfo:
         ).series(model)
         self.span_name = f"{step} {model}"
         self.span_attributes = {ATTR_MODEL_NAME: model, ATTR_STEP: step}
+
+
+_infos: dict[tuple[str, str], _ModelInfo] = {}
+
+#: The step being recorded in this context. A step that calls another callable recording the same step of
+#: the same model (``super().predict(...)`` in a subclass, both instrumented) is recorded once, by the
+#: outermost call: the inner one sees its own ``_ModelInfo`` here and passes straight through.
+_active: ContextVar[_ModelInfo | None] = ContextVar("kserve_otel_active_step", default=None)
+
+
+def _info_for(step: str, model: str) -> _ModelInfo:
+    info = _infos.get((step, model))
+    if info is None:
+        info = _infos.setdefault((step, model), _ModelInfo(step, model))
+    return info
 
 
 class StepRecorder:
@@ -101,7 +118,7 @@ class StepRecorder:
         """Per-model series and span details, created on the first call for ``model``."""
         info = self._models.get(model)
         if info is None:
-            info = self._models[model] = _ModelInfo(self.step, model)
+            info = self._models[model] = _info_for(self.step, model)
         return info
 
     def count_error(self, model: str, error: BaseException) -> None:
@@ -127,10 +144,13 @@ class StepRecorder:
         if error is not None:
             self.count_error(info.name, error)
 
-    def begin(self, args: tuple[Any, ...]) -> tuple[_ModelInfo, SpanHandle | None]:
-        """Resolve the model of a call and start its span."""
+    def begin(self, args: tuple[Any, ...]) -> tuple[_ModelInfo, SpanHandle | None] | None:
+        """Resolve the model of a call and start its span; ``None`` when the same step of the same model is
+        already being recorded in this context (the call is then not recorded again)."""
         model = self.model_of(args)
         info = self._models.get(model) or self.info(model)
+        if _active.get() is info:
+            return None
         return info, start_step_span(info.span_name, info.span_attributes)
 
 
@@ -238,7 +258,12 @@ def _wrap(func: Callable[..., Any], recorder: StepRecorder) -> Callable[..., Any
     if inspect.isasyncgenfunction(func):
 
         async def async_gen_wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
-            info, handle = recorder.begin(args)
+            begun = recorder.begin(args)
+            if begun is None:
+                async for item in func(*args, **kwargs):  # already recorded by an outer call
+                    yield item
+                return
+            info, handle = begun
             started = perf_counter()
             try:
                 agen = func(*args, **kwargs)
@@ -273,7 +298,10 @@ def _wrap(func: Callable[..., Any], recorder: StepRecorder) -> Callable[..., Any
     elif inspect.isgeneratorfunction(func):
 
         def gen_wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
-            info, handle = recorder.begin(args)
+            begun = recorder.begin(args)
+            if begun is None:
+                return (yield from func(*args, **kwargs))  # already recorded by an outer call
+            info, handle = begun
             started = perf_counter()
             try:
                 gen = func(*args, **kwargs)
@@ -288,26 +316,38 @@ def _wrap(func: Callable[..., Any], recorder: StepRecorder) -> Callable[..., Any
     elif inspect.iscoroutinefunction(func):
 
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            info, handle = recorder.begin(args)
+            begun = recorder.begin(args)
+            if begun is None:
+                return await func(*args, **kwargs)  # already recorded by an outer call
+            info, handle = begun
+            token = _active.set(info)
             started = perf_counter()
             try:
                 result = await func(*args, **kwargs)
             except BaseException as exc:
+                _active.reset(token)
                 recorder.finish(info, started, handle, exc)
                 raise
+            _active.reset(token)
             return _hand_over(recorder, info, handle, started, result)
 
         wrapper = async_wrapper
     else:
 
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-            info, handle = recorder.begin(args)
+            begun = recorder.begin(args)
+            if begun is None:
+                return func(*args, **kwargs)  # already recorded by an outer call
+            info, handle = begun
+            token = _active.set(info)
             started = perf_counter()
             try:
                 result = func(*args, **kwargs)
             except BaseException as exc:
+                _active.reset(token)
                 recorder.finish(info, started, handle, exc)
                 raise
+            _active.reset(token)
             if type(result) in _ITERATOR_TYPES:
                 return _hand_over(recorder, info, handle, started, result)
             info.series.observe(perf_counter() - started)

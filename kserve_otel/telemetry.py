@@ -12,8 +12,9 @@ What it does, in order:
    else to the global SDK provider (Ray Serve installs its own in replicas), else installs a new global SDK
    provider with the configured sampler. Without an exporter it installs nothing: step spans then go to
    whatever provider the application set, and cost nothing when there is none.
-4. Starts the Prometheus endpoint on its own port, unless ``serve_endpoint=False`` (an integration then
-   mounts :attr:`Telemetry.asgi_middleware` into the app that owns that port).
+4. Starts the Prometheus endpoint on its own port, unless ``serve_endpoint=False`` or an integration has
+   claimed the endpoint (:func:`claim_endpoint`: the KServe instrumentation places it when the model server
+   starts, inside the model server's app when the annotated port is the app's own).
 
 Steps that ran before ``configure()`` were counted all the same: their observations appear in the first
 export after it. Their spans went to the tracer provider of that moment (none, unless the application set one).
@@ -36,8 +37,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
 
 from . import tracing
-from .exposition import ASGIApp, MetricsMiddleware, MetricsServer
-from .metrics_bridge import bridge_reader
+from .exposition import ASGIApp, MergedCollector, MetricsMiddleware, MetricsServer
+from .metrics_bridge import bridge_reader, bridge_of
 from .series import REGISTRY as SERIES
 from .settings import Settings, SettingsError
 
@@ -65,6 +66,42 @@ class Telemetry:
         """Where the standalone endpoint answers, if it runs."""
         return self.metrics_server.url if self.metrics_server and self.metrics_server.running else None
 
+    def collector(self, include_global_registry: bool = False) -> Any:
+        """What the endpoint serves: this package's registry, and with ``include_global_registry``
+        prometheus_client's global one after it (each family name once). ``None`` without Prometheus."""
+        if self.prometheus_registry is None:
+            return None
+        if include_global_registry:
+            from prometheus_client import REGISTRY
+
+            return MergedCollector(self.prometheus_registry, REGISTRY)
+        return self.prometheus_registry
+
+    def start_endpoint(self, include_global_registry: bool = False) -> bool:
+        """Start the standalone endpoint on ``metrics_host:metrics_port`` if it is not running.
+
+        Returns whether it runs; a busy port is logged as one error and ``False`` is returned.
+        """
+        if self.metrics_server is not None:
+            return True
+        collector = self.collector(include_global_registry)
+        if collector is None:
+            return False
+        s = self.settings
+        server = MetricsServer(collector, s.metrics_host, s.metrics_port, s.metrics_path)
+        if server.start(source=s.source_of("metrics_port")):
+            self.metrics_server = server
+            return True
+        return False
+
+    def merge_peers(self, peers: Any) -> None:
+        """Make the Prometheus endpoint show the sum of this process and its ``peers``
+        (a :class:`~kserve_otel.peers.PeerExchange`: the worker processes of one server)."""
+        for reader in self.readers:
+            bridge = bridge_of(reader)
+            if bridge is not None and self.prometheus_registry is not None and _is_prometheus(reader):
+                bridge.peers = peers
+
     def asgi_middleware(self, app: ASGIApp) -> MetricsMiddleware:
         """Wrap ``app`` so that it answers the metrics path itself (the endpoint on the app's own port)."""
         return MetricsMiddleware(app, lambda: self.prometheus_registry, self.settings.metrics_path)
@@ -77,14 +114,17 @@ class Telemetry:
             if isinstance(reader, PeriodicExportingMetricReader):
                 reader.force_flush(timeout_millis)
 
-    def summary(self) -> str:
-        """One short paragraph saying where metrics and traces go."""
+    def summary(self, http_port: int | None = None) -> str:
+        """One short line saying where metrics and traces go (``http_port``: the application's port, when
+        the application answers the metrics path itself)."""
         s = self.settings
         parts = []
         if self.metrics_url:
             parts.append(f"metrics: {self.metrics_url}")
+        elif self.prometheus_registry is not None and http_port is not None:
+            parts.append(f"metrics: http://127.0.0.1:{http_port}{s.metrics_path} (the application's own port)")
         elif self.prometheus_registry is not None:
-            parts.append(f"metrics: {s.metrics_path} on the application's port {s.metrics_port}")
+            parts.append(f"metrics: {s.metrics_path} not served on a port of its own (mount asgi_middleware)")
         for name in s.metrics_exporters:
             if name != "prometheus":
                 parts.append(f"metrics pushed: {name}")
@@ -92,8 +132,23 @@ class Telemetry:
         return "kserve-otel: " + "; ".join(parts)
 
 
+def _is_prometheus(reader: MetricReader) -> bool:
+    return type(reader).__name__ == "PrometheusMetricReader"
+
+
 _lock = threading.Lock()
 _current: Telemetry | None = None
+_endpoint_claims: set[str] = set()
+
+
+def claim_endpoint(integration: str) -> None:
+    """``integration`` will place the endpoint itself: ``configure()`` no longer starts it by default."""
+    _endpoint_claims.add(integration)
+
+
+def release_endpoint(integration: str) -> None:
+    """Undo :func:`claim_endpoint`."""
+    _endpoint_claims.discard(integration)
 
 
 def get_telemetry() -> Telemetry | None:
@@ -106,7 +161,7 @@ def configure(
     *,
     meter_provider: Any = None,
     tracer_provider: Any = None,
-    serve_endpoint: bool = True,
+    serve_endpoint: bool | None = None,
     **arguments: Any,
 ) -> Telemetry:
     """Set up metrics, traces and the Prometheus endpoint; calling it again returns what the first call set up.
@@ -115,8 +170,9 @@ def configure(
         settings: resolved settings; by default ``Settings.load(**arguments)``.
         meter_provider: an SDK ``MeterProvider`` to add this package's readers to (default: the global one).
         tracer_provider: a ``TracerProvider`` for step spans (default: the global one).
-        serve_endpoint: start the standalone endpoint on ``metrics_port``; pass False when the application
-            mounts :meth:`Telemetry.asgi_middleware` on its own port instead.
+        serve_endpoint: start the standalone endpoint on ``metrics_port``. By default it starts unless an
+            integration placed it (the KServe instrumentation does); pass False when the application mounts
+            :meth:`Telemetry.asgi_middleware` on its own port instead.
         **arguments: explicit settings, such as ``metrics_port=9090``; see :class:`Settings`.
 
     Raises:
@@ -132,6 +188,8 @@ def configure(
                 )
             return _current
         resolved = settings if settings is not None else Settings.load(**arguments)
+        if serve_endpoint is None:
+            serve_endpoint = not _endpoint_claims
         telemetry = _build(resolved, meter_provider, tracer_provider, serve_endpoint)
         _current = telemetry
         return telemetry
@@ -181,10 +239,8 @@ def _build(settings: Settings, meter_provider: Any, tracer_provider: Any, serve_
         prometheus_registry=registry, readers=readers, span_processors=processors,
         owns_meter_provider=owns_meters, owns_tracer_provider=owns_traces,
     )
-    if registry is not None and serve_endpoint:
-        server = MetricsServer(registry, settings.metrics_host, settings.metrics_port, settings.metrics_path)
-        if server.start(source=settings.source_of("metrics_port")):
-            telemetry.metrics_server = server
+    if serve_endpoint:
+        telemetry.start_endpoint()
     return telemetry
 
 

@@ -13,6 +13,7 @@ global one, looked up on each call so that a provider installed after the step w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import context as context_api
@@ -81,8 +82,8 @@ def _sampler_mode(sampler: Any) -> tuple[int, bool]:
     return _SDK, False
 
 
-def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
-    """Start a span, child of the current one, and make it current; ``None`` when no span would be recorded."""
+def _tracer_if_recording(parent: trace.SpanContext) -> Any:
+    """The tracer to start a span under ``parent`` with, or ``None`` when the span would not be recorded."""
     provider = _explicit_provider or trace.get_tracer_provider()
     state = _state
     if provider is not state.provider:
@@ -91,25 +92,63 @@ def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
     if mode == _OFF:
         return None
     if mode == _PARENT_BASED:
-        parent = trace.get_current_span().get_span_context()
         if parent.is_valid:
             if not parent.trace_flags.sampled:
                 return None
         elif state.root_off:
             return None
-    span = state.tracer.start_span(name, attributes=attributes)
+    return state.tracer
+
+
+def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
+    """Start a span, child of the current one, and make it current; ``None`` when no span would be recorded."""
+    tracer = _tracer_if_recording(trace.get_current_span().get_span_context())
+    if tracer is None:
+        return None
+    span = tracer.start_span(name, attributes=attributes)
     return span, context_api.attach(trace.set_span_in_context(span))
+
+
+def start_server_span(
+    name: str, attributes: Callable[[], dict[str, Any]], parent: context_api.Context | None
+) -> tuple[Span | None, object]:
+    """Start the SERVER span of an incoming request under ``parent`` (the context extracted from its headers,
+    ``None`` for none) and make it current; ``attributes()`` is called only if the span is recorded. Returns ``(span, token)``; ``span`` is ``None`` when it would not be
+    recorded, and then ``parent`` alone is made current, so the request's trace id still reaches step spans,
+    outgoing calls and log lines. Pass the token to :func:`end_server_span`.
+    """
+    parent_span_context = trace.get_current_span(parent).get_span_context()
+    tracer = _tracer_if_recording(parent_span_context)
+    if tracer is None:
+        return None, (context_api.attach(parent) if parent is not None else None)
+    span = tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes())
+    return span, context_api.attach(trace.set_span_in_context(span, parent))
+
+
+def end_server_span(span: Span | None, token: object, error: BaseException | None = None) -> None:
+    """End what :func:`start_server_span` started, recording ``error`` (if any) with error status."""
+    if token is not None:
+        context_api.detach(token)  # type: ignore[arg-type]
+    if span is not None:
+        if error is not None:
+            _record_error(span, error)
+        span.end()
 
 
 def end_step_span(handle: SpanHandle, error: BaseException | None = None) -> None:
     """End a span from :func:`start_step_span`, recording ``error`` (if any) with error status."""
     span, token = handle
     context_api.detach(token)  # type: ignore[arg-type]
-    if error is not None and span.is_recording():
+    if error is not None:
+        _record_error(span, error)
+    span.end()
+
+
+def _record_error(span: Span, error: BaseException) -> None:
+    if span.is_recording():
         span.set_attribute(ATTR_ERROR_TYPE, type(error).__qualname__)
         span.record_exception(error)
         span.set_status(Status(StatusCode.ERROR, f"{type(error).__qualname__}: {error}"))
-    span.end()
 
 
 def suspend(handle: SpanHandle) -> None:
