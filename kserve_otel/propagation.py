@@ -17,7 +17,8 @@ from opentelemetry import context as context_api
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 
-_B3_FIELDS = frozenset({"x-b3-traceid", "b3"})
+_B3_FIELDS = frozenset({"x-b3-traceid", "b3"})  # either means "this request carries B3"
+_B3_ALL_FIELDS = _B3_FIELDS | {"x-b3-spanid", "x-b3-sampled", "x-b3-flags", "x-b3-parentspanid"}
 _B3_CONTEXT_KEY = context_api.create_key("kserve_otel.b3")
 
 _fields_cache: tuple[object, frozenset[str], frozenset[bytes]] = (None, frozenset(), frozenset())
@@ -30,7 +31,7 @@ def _fields() -> tuple[frozenset[str], frozenset[bytes]]:
     propagator = propagate.get_global_textmap()
     cached, names, raw = _fields_cache
     if cached is not propagator:
-        names = frozenset(name.lower() for name in propagator.fields) | _B3_FIELDS
+        names = frozenset(name.lower() for name in propagator.fields) | _B3_ALL_FIELDS
         raw = frozenset(name.encode("latin-1") for name in names)
         _fields_cache = (propagator, names, raw)
     return names, raw

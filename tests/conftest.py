@@ -119,3 +119,60 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
+
+
+class KServeProcess:
+    """A real ``kserve.ModelServer`` serving test models (``tests/kserve_e2e/serve.py``) in its own process,
+    on free loopback ports; its output goes to ``log_path``. Stops (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, models: str, *, env: dict[str, str] | None = None, args: list[str] | None = None,
+                 bare: bool = False, log_path: str | None = None) -> None:
+        import tempfile
+
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.log_path = log_path or tempfile.mkstemp(prefix="kserve-e2e-", suffix=".log")[1]
+        command = [sys.executable, "-m", "tests.kserve_e2e.serve", "--models", models,
+                   "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port), *(args or [])]
+        if bare:
+            command.append("--bare")
+        full_env = {**os.environ, "KSERVE_OTEL_ANNOTATIONS_FILE": "/nonexistent", **(env or {})}
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # its own group: workers stop with it
+
+    def wait_ready(self, timeout: float = 90) -> "KServeProcess":
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the model server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the model server did not become ready in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        with open(self.log_path) as log:
+            return log.read()
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left of the group (worker processes)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
+        self._log.close()

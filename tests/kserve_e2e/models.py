@@ -1,0 +1,68 @@
+"""Models the KServe end-to-end tests serve, besides the iris example: plain ``kserve.Model`` subclasses with
+no telemetry code, each exercising one thing (a second model, errors, streaming, a transformer)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import kserve
+
+#: Seconds between the chunks of the streaming model, and how many it sends.
+CHUNK_DELAY = 0.05
+CHUNKS = 4
+
+
+class EchoModel(kserve.Model):
+    """A second model, with async handlers: answers its instances and the pid of the worker that served them."""
+
+    def __init__(self, name: str = "echo") -> None:
+        super().__init__(name)
+        self.ready = True
+
+    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        return payload
+
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        return {"predictions": payload.get("instances", []), "pid": os.getpid()}
+
+
+class FailingModel(kserve.Model):
+    """Its predict raises, as a model with a bug does."""
+
+    def __init__(self, name: str = "failing") -> None:
+        super().__init__(name)
+        self.ready = True
+
+    def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        raise ValueError("this model cannot predict")
+
+
+class StreamingModel(kserve.Model):
+    """A streaming predict: returns an async generator of CHUNKS chunks, CHUNK_DELAY seconds apart."""
+
+    def __init__(self, name: str = "stream") -> None:
+        super().__init__(name)
+        self.ready = True
+
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
+            for index in range(CHUNKS):
+                await asyncio.sleep(CHUNK_DELAY)
+                yield f"chunk {index}\n".encode()
+
+        return chunks()
+
+
+class IrisTransformer(kserve.Model):
+    """A transformer in front of the iris predictor: rounds the features, then KServe's own predict calls
+    ``predictor_host`` over REST v1."""
+
+    def __init__(self, name: str = "iris") -> None:
+        super().__init__(name)
+        self.ready = True
+
+    def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        return {"instances": [[round(x, 1) for x in row] for row in payload["instances"]]}
