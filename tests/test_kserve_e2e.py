@@ -280,15 +280,20 @@ def test_latency_log_line_carries_the_trace_id(servers):
 
 def test_two_workers_every_scrape_shows_the_exact_total(servers):
     workers = servers["workers"]
-    requests = 40
+    requests, grpc_requests = 40, 5
     pids = set()
-    before = _counts(scrape(f"{workers.url}/metrics"), "echo")["predict"]
+    first = scrape(f"{workers.url}/metrics")
+    before = _counts(first, "echo")["predict"], _counts(first, "iris")["predict"]
     for _ in range(requests):
         with httpx.Client(base_url=workers.url, timeout=30) as client:  # a new connection each time
             pids.add(client.post("/v1/models/echo:predict", json={"instances": [1]}).json()["pid"])
     assert len(pids) == 2, "both workers served requests, so the scrape must add them up"
+    for _ in range(grpc_requests):  # KServe serves gRPC from the parent process: its counts join in too
+        _grpc_infer(workers, "iris")
     for _ in range(6):  # each scrape lands on either worker: every one must show the total
         with httpx.Client(base_url=workers.url, timeout=30) as client:
             text = client.get("/metrics").text
-        assert _counts(text, "echo")["predict"] - before == requests
-        assert len(list(text_string_to_metric_families(text)))
+        assert _counts(text, "echo")["predict"] - before[0] == requests
+        assert _counts(text, "iris")["predict"] - before[1] == grpc_requests
+        names = [family.name for family in text_string_to_metric_families(text)]
+        assert len(names) == len(set(names))

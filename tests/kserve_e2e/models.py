@@ -1,5 +1,5 @@
 """Models the KServe end-to-end tests serve, besides the iris example: plain ``kserve.Model`` subclasses with
-no telemetry code, each exercising one thing (a second model, errors, streaming, a transformer)."""
+no telemetry code, each exercising one thing (a second model, errors, streaming); the transformer is the example's."""
 
 from __future__ import annotations
 
@@ -54,15 +54,3 @@ class StreamingModel(kserve.Model):
                 yield f"chunk {index}\n".encode()
 
         return chunks()
-
-
-class IrisTransformer(kserve.Model):
-    """A transformer in front of the iris predictor: rounds the features, then KServe's own predict calls
-    ``predictor_host`` over REST v1."""
-
-    def __init__(self, name: str = "iris") -> None:
-        super().__init__(name)
-        self.ready = True
-
-    def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
-        return {"instances": [[round(x, 1) for x in row] for row in payload["instances"]]}

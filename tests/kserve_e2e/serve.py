@@ -15,7 +15,9 @@ import kserve
 
 from examples.sklearn_iris.model import IrisModel
 
-from .models import EchoModel, FailingModel, IrisTransformer, StreamingModel
+from examples.transformer_predictor.transformer import IrisTransformer
+
+from .models import EchoModel, FailingModel, StreamingModel
 
 MODELS = {
     "iris": IrisModel, "echo": EchoModel, "failing": FailingModel, "stream": StreamingModel,
@@ -34,7 +36,7 @@ def main() -> None:
         KServeInstrumentor().instrument(print_summary=True)
     models = []
     for name in options.models.split(","):
-        model = MODELS[name]() if name != "transformer" else IrisTransformer("iris")
+        model = MODELS[name]()
         model.load()
         models.append(model)
     print("serving", options.models, file=sys.stderr, flush=True)
