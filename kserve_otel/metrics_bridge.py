@@ -41,7 +41,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from ._version import __version__
 from .names import SCOPE_NAME
-from .series import REGISTRY, CounterFamily, HistogramFamily, SeriesRegistry
+from .series import REGISTRY, CounterFamily, HistogramFamily, SeriesRegistry, UpDownCounterFamily
 
 _SCOPE = InstrumentationScope(SCOPE_NAME, __version__)
 _BRIDGE_ATTRIBUTE = "_kserve_otel_bridge"
@@ -99,11 +99,12 @@ class _ReaderBridge:
                             data_points=hist_points, aggregation_temporality=self.histogram_temporality,
                         )))
                 elif isinstance(family, CounterFamily):
-                    sum_points = self._counter_points(family, now)
+                    monotonic = not isinstance(family, UpDownCounterFamily)
+                    temporality = self.counter_temporality if monotonic else _CUMULATIVE
+                    sum_points = self._counter_points(family, now, temporality)
                     if sum_points:
                         metrics.append(Metric(family.name, family.description, family.unit, Sum(
-                            data_points=sum_points, aggregation_temporality=self.counter_temporality,
-                            is_monotonic=True,
+                            data_points=sum_points, aggregation_temporality=temporality, is_monotonic=monotonic,
                         )))
         return metrics
 
@@ -129,8 +130,10 @@ class _ReaderBridge:
             ))
         return points
 
-    def _counter_points(self, family: CounterFamily, now: int) -> list[NumberDataPoint]:
-        delta = self.counter_temporality == AggregationTemporality.DELTA
+    def _counter_points(
+        self, family: CounterFamily, now: int, temporality: AggregationTemporality
+    ) -> list[NumberDataPoint]:
+        delta = temporality == AggregationTemporality.DELTA
         points = []
         for series in family.all_series():
             value, start = series.value, series.start_time_ns
@@ -167,7 +170,8 @@ def _metrics_from_snapshot(families: list[dict[str, Any]], now: int) -> list[Met
                 attributes=series["attributes"], start_time_unix_nano=series["start"], time_unix_nano=now,
                 value=series["value"],
             ) for series in family["series"]]
-            data = Sum(data_points=points, aggregation_temporality=_CUMULATIVE, is_monotonic=True)
+            data = Sum(data_points=points, aggregation_temporality=_CUMULATIVE,
+                       is_monotonic=family["kind"] == "counter")
         if points:
             metrics.append(Metric(family["name"], family["description"], family["unit"], data))
     return metrics

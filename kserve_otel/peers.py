@@ -33,6 +33,7 @@ from .series import REGISTRY, CounterFamily, HistogramFamily, SeriesRegistry
 logger = logging.getLogger(__name__)
 
 Snapshot = list[dict[str, Any]]
+_COUNTER_KINDS = ("counter", "updowncounter")
 
 #: Longest Unix socket path the kernel accepts (``sun_path`` less its NUL byte).
 MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
@@ -117,7 +118,7 @@ def _checked(snapshot: Any) -> Snapshot:
         raise ValueError("a snapshot is a list of families")
     for family in snapshot:
         histogram = family["kind"] == "histogram"
-        if not (histogram or family["kind"] == "counter") or not isinstance(family["name"], str):
+        if not (histogram or family["kind"] in _COUNTER_KINDS) or not isinstance(family["name"], str):
             raise ValueError(f"bad family {family.get('name')!r}")
         for series in family["series"]:
             extremes = [] if not histogram else [v for v in (series["min"], series["max"]) if v is not None]

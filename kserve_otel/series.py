@@ -80,7 +80,7 @@ class HistogramSeries:
 
 
 class CounterSeries:
-    """Cumulative monotonic counter of one label set."""
+    """Cumulative counter of one label set (monotonic unless its family is an up-down counter)."""
 
     __slots__ = ("attributes", "start_time_ns", "_value", "_lock")
 
@@ -172,6 +172,12 @@ class CounterFamily(_Family):
         return self._get(label_values)  # type: ignore[no-any-return]
 
 
+class UpDownCounterFamily(CounterFamily):
+    """A counter that may go down (requests in flight): exported as a non-monotonic sum, always cumulative."""
+
+    kind = "updowncounter"
+
+
 class SeriesRegistry:
     """All families of this process, by instrument name. Families are created once and never removed."""
 
@@ -193,6 +199,10 @@ class SeriesRegistry:
     def counter(self, name: str, description: str, unit: str, label_names: Sequence[str]) -> CounterFamily:
         """The counter family ``name``, created on first use."""
         return self._family(name, lambda: CounterFamily(name, description, unit, label_names))  # type: ignore[return-value]
+
+    def up_down_counter(self, name: str, description: str, unit: str, label_names: Sequence[str]) -> UpDownCounterFamily:
+        """The up-down counter family ``name``, created on first use."""
+        return self._family(name, lambda: UpDownCounterFamily(name, description, unit, label_names))  # type: ignore[return-value]
 
     def _family(self, name, factory):  # type: ignore[no-untyped-def]
         family = self._families.get(name)

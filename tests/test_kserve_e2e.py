@@ -136,6 +136,14 @@ def test_v1_v2_and_grpc_requests_are_counted_per_step_and_model(servers):
     assert len(type_lines) == len(set(type_lines))
     assert "process_cpu_seconds" in families(after)
 
+    # HTTP server metrics of the REST app, labelled by route template, and requests in flight.
+    v1_route = {"http_request_method": "POST", "http_route": "/v1/models/{model_name}:predict",
+                "http_response_status_code": "200"}
+    assert histogram_count(after, "http_server_request_duration_seconds", **v1_route) >= 6
+    active = [s for s in families(after)["http_server_active_requests"].samples
+              if s.labels == {"http_request_method": "POST"}]
+    assert active and active[0].value == 0
+
 
 def test_exposition_passes_promtool(servers):
     text = scrape(f"{servers['main'].url}/metrics")
