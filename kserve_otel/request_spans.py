@@ -41,6 +41,55 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "
 ScopeAttributes = Callable[[Span, Scope], None]
 
 
+class HTTPServerMetrics:
+    """Requests in flight and request durations, by method (and route template and status for durations)."""
+
+    def __init__(self) -> None:
+        self._active = SERIES.up_down_counter(
+            ACTIVE_REQUESTS, "Number of HTTP server requests in flight", "{request}", (ATTR_HTTP_METHOD,)
+        )
+        self._duration = SERIES.histogram(
+            REQUEST_DURATION, "Duration of HTTP server requests", UNIT_SECONDS,
+            (ATTR_HTTP_METHOD, ATTR_HTTP_ROUTE, ATTR_HTTP_STATUS), bounds=HTTP_DURATION_BUCKETS,
+        )
+
+    def begin(self, method: str) -> float:
+        """Count a request of ``method`` (see :func:`method_of`) in flight; returns its start time."""
+        self._active.series(method).add(1)
+        return perf_counter()
+
+    def end(self, method: str, started: float, route: str, status: int) -> None:
+        """The request that :meth:`begin` returned ``started`` for is over."""
+        self._active.series(method).add(-1)
+        self._duration.series(method, route, str(status)).observe(perf_counter() - started)
+
+
+def method_of(scope: Scope) -> str:
+    """The request's method, or ``_OTHER`` for a method HTTP does not define (bounded label values)."""
+    method = scope.get("method", "GET")
+    return method if method in _KNOWN_METHODS else "_OTHER"
+
+
+def route_of(scope: Scope) -> str:
+    """The route template the framework matched (Starlette and FastAPI set ``scope["route"]``), else ``""``."""
+    return getattr(scope.get("route"), "path", None) or ""
+
+
+class StatusRecorder:
+    """Wraps ``send`` to remember the response status (500 if the app fails before answering)."""
+
+    __slots__ = ("send", "status")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 500
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
 class RequestSpanMiddleware:
     """ASGI middleware opening a SERVER span per HTTP request, and counting requests in flight and their
     durations (``http.server.active_requests``, ``http.server.request.duration`` in seconds, as OpenTelemetry's
@@ -50,46 +99,28 @@ class RequestSpanMiddleware:
         self.app = app
         self.on_end = on_end
         self.excluded_paths = excluded_paths
-        self._active = SERIES.up_down_counter(
-            ACTIVE_REQUESTS, "Number of HTTP server requests in flight", "{request}", (ATTR_HTTP_METHOD,)
-        )
-        self._duration = SERIES.histogram(
-            REQUEST_DURATION, "Duration of HTTP server requests", UNIT_SECONDS,
-            (ATTR_HTTP_METHOD, ATTR_HTTP_ROUTE, ATTR_HTTP_STATUS), bounds=HTTP_DURATION_BUCKETS,
-        )
+        self.metrics = HTTPServerMetrics()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in self.excluded_paths:
             await self.app(scope, receive, send)
             return
-        started = perf_counter()
-        method = scope.get("method", "GET")
-        if method not in _KNOWN_METHODS:
-            method = "_OTHER"
+        method = method_of(scope)
+        started = self.metrics.begin(method)
         parent = propagation.extract_asgi(scope.get("headers", ()))
         span, token = tracing.start_server_span(method, lambda: _request_attributes(scope, method), parent)
-        status = 500  # what the client gets if the app raises before answering
-
-        async def send_recording_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        active = self._active.series(method)
-        active.add(1)
+        recorder = StatusRecorder(send)
         error: BaseException | None = None
         try:
-            await self.app(scope, receive, send_recording_status)
+            await self.app(scope, receive, recorder)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            active.add(-1)
-            route = getattr(scope.get("route"), "path", None) or ""
-            self._duration.series(method, route, str(status)).observe(perf_counter() - started)
+            route = route_of(scope)
+            self.metrics.end(method, started, route, recorder.status)
             if span is not None:
-                self._finish(span, scope, method, route, status, error)
+                self._finish(span, scope, method, route, recorder.status, error)
             tracing.end_server_span(span, token, error)
 
     def _finish(self, span: Span, scope: Scope, method: str, route: str, status: int, error: BaseException | None) -> None:

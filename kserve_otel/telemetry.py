@@ -141,6 +141,14 @@ _current: Telemetry | None = None
 _endpoint_claims: set[str] = set()
 
 
+def served_collector() -> Any:
+    """What an integration's endpoint serves, looked up at scrape time: the registry of the current
+    :func:`configure` plus prometheus_client's global one (``None`` before ``configure()`` or without
+    Prometheus)."""
+    telemetry = _current
+    return telemetry.collector(include_global_registry=True) if telemetry is not None else None
+
+
 def claim_endpoint(integration: str) -> None:
     """``integration`` will place the endpoint itself: ``configure()`` no longer starts it by default."""
     _endpoint_claims.add(integration)

@@ -84,7 +84,7 @@ def _sampler_mode(sampler: Any) -> tuple[int, bool]:
 
 def _tracer_if_recording(parent: trace.SpanContext) -> Any:
     """The tracer to start a span under ``parent`` with, or ``None`` when the span would not be recorded."""
-    provider = _explicit_provider or trace.get_tracer_provider()
+    provider = current_provider()
     state = _state
     if provider is not state.provider:
         state = _analyse(provider)
@@ -98,6 +98,17 @@ def _tracer_if_recording(parent: trace.SpanContext) -> Any:
         elif state.root_off:
             return None
     return state.tracer
+
+
+def current_provider() -> Any:
+    """The tracer provider step and request spans go to (``configure(tracer_provider=...)``, else the global)."""
+    return _explicit_provider or trace.get_tracer_provider()
+
+
+def would_record(parent: context_api.Context | None) -> bool:
+    """Whether a span started under ``parent`` (``None``: no parent) could be recorded; ``False`` only when
+    it certainly would not (no provider, ``always_off``, or a parent-based sampler and an unsampled parent)."""
+    return _tracer_if_recording(trace.get_current_span(parent).get_span_context()) is not None
 
 
 def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:

@@ -1,0 +1,174 @@
+"""OpenTelemetry for any ASGI app (FastAPI, Starlette, a bare ASGI callable): request spans, HTTP server
+metrics in seconds and the Prometheus endpoint.
+
+Usage
+-----
+
+.. code-block:: python
+
+    from kserve_otel.instrumentation.asgi import instrument_app
+
+    app = instrument_app(FastAPI())     # then serve it as usual: uvicorn, kserve-otel-run ...
+
+What every HTTP request then gets:
+
+* a SERVER span, continuing an incoming ``traceparent``, named and labelled by its route template
+  (``GET /items/{item_id}``); ``@instrument_step`` functions called by the handler are its children;
+* ``http_server_request_duration_seconds{http_request_method, http_route, http_response_status_code}`` and
+  ``http_server_active_requests{http_request_method}``; ``http_route`` is the template, never the raw path,
+  so ``/items/{item_id}`` is one series however many items there are (``""`` for apps without a router);
+* the Prometheus endpoint: answered by the app itself on its own port when the annotated port is the app's
+  (or none is set), with the exact path and no redirect; on a port of its own otherwise.
+
+How it is built, and why
+------------------------
+
+Spans that will be recorded are made by opentelemetry-instrumentation-asgi's ``OpenTelemetryMiddleware``,
+with its semantic-convention attributes, its hooks (``server_request_hook``, ``client_request_hook``,
+``client_response_hook``) and its header capture (``http_capture_headers_server_request`` ...), passed
+through as given, and without its per-``receive``/``send`` child spans. Used as is on every request, that
+middleware costs 340-440 µs here, which cuts a trivial app's throughput by three quarters. So requests whose
+span would not be recorded (no tracer provider, ``always_off``, or a parent-based sampler with an unsampled
+parent) bypass it: they only make the incoming context current. HTTP metrics are this package's own for
+every request (one series increment each, instead of the SDK's record path, which costs 9-15 µs); contrib's
+middleware gets a no-op meter provider. FastAPI's own telemetry (FastAPI 0.16x turns it on as soon as a
+global provider exists) is switched off on the wrapped app, since it would duplicate both the span and
+``http_server_request_duration_seconds``. ``benchmarks/`` measures the result against the bare app.
+
+Configuration
+-------------
+
+``instrument_app(app, http_port=None, settings=None, **hooks_and_capture)``: settings as everywhere
+(``KSERVE_OTEL_*``/``OTEL_*`` variables, pod annotations); ``OTEL_PYTHON_ASGI_EXCLUDED_URLS`` (or
+``excluded_urls=``) excludes URLs from spans and metrics alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import context as context_api
+from opentelemetry import trace
+from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.util.http import ExcludeList, get_excluded_urls, parse_excluded_urls
+
+from ... import propagation, tracing
+from ...exposition import ASGIApp, Message, MetricsMiddleware, Receive, Scope, Send
+from ...request_spans import ATTR_HTTP_ROUTE, HTTPServerMetrics, StatusRecorder, method_of, route_of
+from ...settings import Settings
+from ...telemetry import configure, get_telemetry, served_collector
+
+__all__ = ["TelemetryMiddleware", "instrument_app", "quiet_fastapi_telemetry"]
+
+#: FastAPI's own OpenTelemetry switches that kserve-otel turns off on the apps it instruments (see above).
+_FASTAPI_TELEMETRY_OFF = {"tracing": False, "metrics": False, "operation_spans": False}
+
+
+def quiet_fastapi_telemetry(app: Any) -> None:
+    """Switch off FastAPI's own request spans and HTTP metrics on ``app`` (FastAPI 0.16x reads the dict that
+    ``FastAPI(telemetry=...)`` fills on every request); nothing happens for other apps."""
+    config = getattr(app, "_telemetry", None)
+    if isinstance(config, dict):
+        config.update(_FASTAPI_TELEMETRY_OFF)
+
+
+class _NameByRoute:
+    """Inside contrib's span: when the response starts (the app has routed the request by then; contrib ends
+    the span with the last body message), name the span by the route template."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        span = trace.get_current_span()
+
+        async def send_naming_span(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = route_of(scope)
+                if route and span.is_recording():
+                    span.update_name(f"{method_of(scope)} {route}")
+                    span.set_attribute(ATTR_HTTP_ROUTE, route)
+            await send(message)
+
+        await self.app(scope, receive, send_naming_span)
+
+
+class TelemetryMiddleware:
+    """ASGI middleware: a span per HTTP request (contrib's, when it will be recorded) and HTTP server metrics.
+
+    Keyword arguments other than ``excluded_urls`` go to contrib's ``OpenTelemetryMiddleware`` as they are.
+    """
+
+    def __init__(self, app: ASGIApp, *, excluded_urls: ExcludeList | str | None = None, **contrib_options: Any) -> None:
+        quiet_fastapi_telemetry(app)
+        self.app = app
+        if isinstance(excluded_urls, str):
+            excluded_urls = parse_excluded_urls(excluded_urls)
+        self.excluded_urls = excluded_urls if excluded_urls is not None else get_excluded_urls("ASGI")
+        self._exclusions = bool(getattr(self.excluded_urls, "_excluded_urls", None))
+        self.contrib_options = contrib_options
+        self.metrics = HTTPServerMetrics()
+        self._contrib: tuple[Any, Any] = (None, None)  # (tracer provider, middleware built for it)
+
+    def _contrib_middleware(self) -> Any:
+        provider = tracing.current_provider()
+        built_for, middleware = self._contrib
+        if built_for is not provider:
+            from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+            middleware = OpenTelemetryMiddleware(
+                _NameByRoute(self.app), excluded_urls=self.excluded_urls, tracer_provider=provider,
+                meter_provider=NoOpMeterProvider(), exclude_spans=["receive", "send"], **self.contrib_options,
+            )
+            self._contrib = (provider, middleware)
+        return middleware
+
+    def _excluded(self, scope: Scope) -> bool:
+        from opentelemetry.instrumentation.asgi import get_host_port_url_tuple
+
+        return self.excluded_urls.url_disabled(get_host_port_url_tuple(scope)[2])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (self._exclusions and self._excluded(scope)):
+            await self.app(scope, receive, send)
+            return
+        method = method_of(scope)
+        started = self.metrics.begin(method)
+        recorder = StatusRecorder(send)
+        parent = propagation.extract_asgi(scope.get("headers", ()))
+        try:
+            if tracing.would_record(parent):
+                await self._contrib_middleware()(scope, receive, recorder)
+            else:
+                token = context_api.attach(parent) if parent is not None else None
+                try:
+                    await self.app(scope, receive, recorder)
+                finally:
+                    if token is not None:
+                        context_api.detach(token)
+        finally:
+            self.metrics.end(method, started, route_of(scope), recorder.status)
+
+
+def instrument_app(
+    app: ASGIApp, *, http_port: int | None = None, settings: Settings | None = None, **options: Any
+) -> ASGIApp:
+    """``app`` with request spans, HTTP server metrics and (on its own port) the Prometheus endpoint.
+
+    Args:
+        app: any ASGI application.
+        http_port: the port ``app`` is served on, if known: the endpoint is mounted in the app when the
+            configured ``metrics_port`` is this port, or when no metrics port is configured at all.
+        settings: resolved settings; by default configured from the environment and pod annotations (or
+            the application's earlier ``kserve_otel.configure()``).
+        **options: ``excluded_urls`` and contrib's hook and header-capture options (see the module doc).
+    """
+    telemetry = get_telemetry() or configure(settings, serve_endpoint=False)
+    s = telemetry.settings
+    wrapped: ASGIApp = TelemetryMiddleware(app, **options)
+    if "prometheus" not in s.metrics_exporters:
+        return wrapped
+    if s.source_of("metrics_port") == "default" or s.metrics_port == http_port:
+        return MetricsMiddleware(wrapped, served_collector, s.metrics_path)
+    telemetry.start_endpoint(include_global_registry=True)
+    return wrapped
