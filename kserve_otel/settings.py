@@ -333,6 +333,21 @@ def _resolve(
     return spec.default
 
 
+def resolve_setting(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """The value of one setting from the environment and pod annotations (no arguments), without reading or
+    checking the others: what auto-instrumentation needs at interpreter start-up to decide whether it is on.
+
+    Raises :class:`SettingsError` for a bad value, as :meth:`Settings.load` does.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    annotations_path = _resolve(_SPECS["annotations_file"], {}, env, {}, "", values, sources)
+    spec = _SPECS[name]
+    annotations = read_annotations(annotations_path) if spec.annotation else {}
+    return _resolve(spec, {}, env, annotations, annotations_path, values, sources)
+
+
 def settings_table_rows() -> Iterable[tuple[str, str, str, str, str, str]]:
     """(setting, KSERVE_OTEL_* variable, OTEL_* variable, annotation, default, meaning) for each setting."""
     for spec in SETTINGS_TABLE:

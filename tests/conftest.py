@@ -126,13 +126,13 @@ class KServeProcess:
     on free loopback ports; its output goes to ``log_path``. Stops (SIGTERM, then SIGKILL) on exit."""
 
     def __init__(self, models: str, *, env: dict[str, str] | None = None, args: list[str] | None = None,
-                 bare: bool = False, log_path: str | None = None) -> None:
+                 bare: bool = False, log_path: str | None = None, prefix: list[str] | None = None) -> None:
         import tempfile
 
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = log_path or tempfile.mkstemp(prefix="kserve-e2e-", suffix=".log")[1]
-        command = [sys.executable, "-m", "tests.kserve_e2e.serve", "--models", models,
+        command = [*(prefix or []), sys.executable, "-m", "tests.kserve_e2e.serve", "--models", models,
                    "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port), *(args or [])]
         if bare:
             command.append("--bare")

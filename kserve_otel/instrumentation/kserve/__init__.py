@@ -95,3 +95,13 @@ class KServeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if self.models is not None:
             self.models.unpatch()
             self.models = None
+
+
+def instrument_on_import(module: object = None) -> None:
+    """Auto-instrumentation's hook (``KSERVE_OTEL_ENABLED``): instrument KServe as it is imported. The start-up
+    summary is printed by the main process only, not by each worker."""
+    import multiprocessing
+
+    instrumentor = KServeInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(print_summary=multiprocessing.parent_process() is None)

@@ -1,0 +1,63 @@
+"""Zero-code auto-instrumentation: run at interpreter start-up by the ``kserve_otel_autostart.pth`` file that
+installing kserve-otel puts in site-packages.
+
+How the check stays free when it is off: the ``.pth`` line itself only asks whether the variable
+``KSERVE_OTEL_ENABLED`` exists or the pod-annotations file (``KSERVE_OTEL_ANNOTATIONS_FILE``, default
+``/etc/podinfo/annotations``) exists: a dictionary lookup and one ``stat``, well under the noise of starting
+Python. Only then is this module imported. It resolves the ``enabled`` setting alone (``KSERVE_OTEL_ENABLED``
+> the annotation ``serving.kserve.io/enable-prometheus-scraping`` > false) and, when it is on, registers
+import hooks: the moment the program imports ``kserve``, KServe is instrumented (its worker processes start
+Python afresh, so they go through the same check). Nothing here ever stops the program: a failure is one line
+on stderr. Settings other than ``enabled`` are checked when the model server starts, as with ``configure()``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+#: Import hooks: module name -> function instrumenting it (``module:function`` in this package).
+HOOKS = {
+    "kserve": "kserve_otel.instrumentation.kserve:instrument_on_import",
+}
+
+
+def _report(message: str) -> None:
+    print(f"kserve-otel: {message}", file=sys.stderr, flush=True)
+
+
+def _hook(target: str):  # type: ignore[no-untyped-def]
+    module_name, _, function = target.partition(":")
+
+    def on_import(module: object) -> None:
+        try:
+            import importlib
+
+            getattr(importlib.import_module(module_name), function)(module)
+        except Exception as exc:  # noqa: BLE001 - auto-instrumentation must never stop the program
+            _report(f"auto-instrumentation of {getattr(module, '__name__', module)} failed: {exc!r}")
+
+    return on_import
+
+
+def start() -> bool:
+    """Register the import hooks if auto-instrumentation is on; returns whether it is."""
+    from .settings import SettingsError, resolve_setting
+
+    try:
+        enabled = resolve_setting("enabled")
+    except SettingsError as exc:
+        _report(f"auto-instrumentation is off: {exc}")
+        return False
+    if not enabled:
+        return False
+    from wrapt import register_post_import_hook
+
+    for module, target in HOOKS.items():
+        register_post_import_hook(_hook(target), module)
+    return True
+
+
+try:
+    start()
+except Exception as exc:  # noqa: BLE001 - this runs inside site.py: report, never raise
+    _report(f"auto-instrumentation failed to start: {exc!r}")

@@ -1,0 +1,41 @@
+"""Puts kserve-otel's start-up hook, ``kserve_otel_autostart.pth``, into site-packages, for wheels and for
+editable installs alike (everything else about the package is in pyproject.toml).
+
+The hook is one line that Python's ``site`` module runs at every interpreter start; it costs a dictionary
+lookup and one ``stat`` unless auto-instrumentation may be on (see ``kserve_otel/_autostart.py``).
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+PTH_NAME = "kserve_otel_autostart.pth"
+PTH_LINE = (
+    'import os; ("KSERVE_OTEL_ENABLED" in os.environ or os.path.exists(os.environ.get('
+    '"KSERVE_OTEL_ANNOTATIONS_FILE") or "/etc/podinfo/annotations")) and __import__("kserve_otel._autostart")\n'
+)
+
+
+class BuildPyWithPth(build_py):
+    """A wheel's root lands in site-packages: put the .pth file there."""
+
+    def run(self) -> None:
+        super().run()
+        Path(self.build_lib, PTH_NAME).write_text(PTH_LINE)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib, PTH_NAME))]
+
+
+class EditableWheelWithPth(editable_wheel):
+    """An editable wheel links the sources instead of copying them; add the .pth file to it all the same."""
+
+    def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):  # type: ignore[no-untyped-def]
+        files, mapping = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
+        Path(unpacked_wheel, PTH_NAME).write_text(PTH_LINE)
+        return files, mapping
+
+
+setup(cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth})
