@@ -176,3 +176,15 @@ class KServeProcess:
             pass
         self.process.wait(timeout=10)
         self._log.close()
+
+
+def serving(servers: dict[str, KServeProcess]) -> Iterator[dict[str, KServeProcess]]:
+    """For a module fixture: wait until every server (started at once, so they boot in parallel) is ready,
+    yield them, and stop them all afterwards, whatever happened."""
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()

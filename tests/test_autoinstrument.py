@@ -10,7 +10,7 @@ import sys
 
 import httpx
 import pytest
-from conftest import ROOT, KServeProcess, families, free_port, histogram_count, scrape
+from conftest import ROOT, KServeProcess, families, free_port, histogram_count, scrape, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -39,13 +39,7 @@ def servers(tmp_path_factory):
         "off": KServeProcess("iris", bare=True),
     }
     started["annotations"].metrics_url = f"http://127.0.0.1:{annotated_port}/prom"  # type: ignore[attr-defined]
-    try:
-        for server in started.values():
-            server.wait_ready()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    yield from serving(started)
 
 
 @pytest.mark.parametrize("name", ["env", "env_workers"])

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import pytest
-from conftest import KServeProcess, families, free_port, histogram_count, scrape
+from conftest import KServeProcess, families, free_port, histogram_count, scrape, serving
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from otlp_receiver import OTLPReceiver
@@ -66,13 +66,7 @@ def servers(receiver: OTLPReceiver, tmp_path_factory) -> Iterator[dict[str, KSer
         "bare": KServeProcess("failing", bare=True),
         "workers": KServeProcess("iris,echo", args=["--workers", "2"], env={"OTEL_TRACES_EXPORTER": "none"}),
     }
-    try:
-        for server in started.values():
-            server.wait_ready()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    yield from serving(started)
 
 
 def _grpc_infer(server: KServeProcess, model: str, metadata: list[tuple[str, str]] | None = None) -> pb.ModelInferResponse:
