@@ -121,41 +121,40 @@ class ServerThread:
         self.thread.join(timeout=20)
 
 
-class KServeProcess:
-    """A real ``kserve.ModelServer`` serving test models (``tests/kserve_e2e/serve.py``) in its own process,
-    on free loopback ports; its output goes to ``log_path``. Stops (SIGTERM, then SIGKILL) on exit."""
+class ServerProcess:
+    """A real server in a process of its own (and its own process group, so worker processes stop with it),
+    started from ``ROOT``; its output goes to ``log_path``. ``wait_ready`` polls ``ready_path`` on ``url``."""
 
-    def __init__(self, models: str, *, env: dict[str, str] | None = None, args: list[str] | None = None,
-                 bare: bool = False, log_path: str | None = None, prefix: list[str] | None = None) -> None:
+    ready_path = "/"
+
+    def __init__(self, command: list[str], http_port: int, *, env: dict[str, str] | None = None,
+                 log_path: str | None = None, ready_path: str | None = None) -> None:
         import tempfile
 
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log_path = log_path or tempfile.mkstemp(prefix="kserve-e2e-", suffix=".log")[1]
-        command = [*(prefix or []), sys.executable, "-m", "tests.kserve_e2e.serve", "--models", models,
-                   "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port), *(args or [])]
-        if bare:
-            command.append("--bare")
+        self.http_port = http_port
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.ready_path = ready_path or self.ready_path
+        self.log_path = log_path or tempfile.mkstemp(prefix="server-", suffix=".log")[1]
         full_env = {**os.environ, "KSERVE_OTEL_ANNOTATIONS_FILE": "/nonexistent", **(env or {})}
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)  # its own group: workers stop with it
+                                        start_new_session=True)
 
-    def wait_ready(self, timeout: float = 90) -> "KServeProcess":
+    def wait_ready(self, timeout: float = 90) -> "ServerProcess":
         import time
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the model server exited with {self.process.returncode}:\n{self.log()}")
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as response:
+                with urllib.request.urlopen(f"{self.url}{self.ready_path}", timeout=2) as response:
                     if response.status == 200:
                         return self
             except OSError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"the model server did not become ready in {timeout} s:\n{self.log()}")
+        raise RuntimeError(f"the server did not become ready in {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
         with open(self.log_path) as log:
@@ -178,7 +177,23 @@ class KServeProcess:
         self._log.close()
 
 
-def serving(servers: dict[str, KServeProcess]) -> Iterator[dict[str, KServeProcess]]:
+class KServeProcess(ServerProcess):
+    """A real ``kserve.ModelServer`` serving test models (``tests/kserve_e2e/serve.py``) on free loopback ports."""
+
+    ready_path = "/v2/health/ready"
+
+    def __init__(self, models: str, *, env: dict[str, str] | None = None, args: list[str] | None = None,
+                 bare: bool = False, log_path: str | None = None, prefix: list[str] | None = None) -> None:
+        self.grpc_port = free_port()
+        http_port = free_port()
+        command = [*(prefix or []), sys.executable, "-m", "tests.kserve_e2e.serve", "--models", models,
+                   "--http_port", str(http_port), "--grpc_port", str(self.grpc_port), *(args or [])]
+        if bare:
+            command.append("--bare")
+        super().__init__(command, http_port, env=env, log_path=log_path)
+
+
+def serving(servers: dict[str, ServerProcess]) -> Iterator[dict[str, ServerProcess]]:
     """For a module fixture: wait until every server (started at once, so they boot in parallel) is ready,
     yield them, and stop them all afterwards, whatever happened."""
     try:

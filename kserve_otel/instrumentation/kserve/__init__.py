@@ -32,8 +32,8 @@ Configuration
 -------------
 
 ``instrument(**settings)`` takes any :class:`kserve_otel.Settings` field (``metrics_port=9090``) or
-``settings=Settings(...)``, and ``print_summary=True`` to print where metrics and traces go when the server
-starts; the rest comes from ``KSERVE_OTEL_*``/``OTEL_*`` variables and pod annotations.
+``settings=Settings(...)``, and ``print_summary=True`` (or a header line) to print where metrics and traces
+go when the server starts; the rest comes from ``KSERVE_OTEL_*``/``OTEL_*`` variables and pod annotations.
 Telemetry is configured when ``ModelServer.start`` runs, unless the application called
 ``kserve_otel.configure()`` before. ``tracer_provider`` and ``meter_provider`` are honoured as in every
 OpenTelemetry instrumentor. ``uninstrument()`` restores KServe exactly, its own histograms included.
@@ -68,7 +68,7 @@ class KServeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         settings: Settings | None = kwargs.pop("settings", None)
-        print_summary = bool(kwargs.pop("print_summary", False))
+        print_summary: bool | str = kwargs.pop("print_summary", False)
         configure_arguments = {
             key: kwargs[key] for key in ("tracer_provider", "meter_provider") if kwargs.get(key) is not None
         }

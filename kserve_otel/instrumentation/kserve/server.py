@@ -50,7 +50,7 @@ class ServerHooks:
     """The model-server patches of one instrumentation, and the state they share."""
 
     def __init__(
-        self, settings: Settings | None, configure_arguments: dict[str, Any], print_summary: bool = False
+        self, settings: Settings | None, configure_arguments: dict[str, Any], print_summary: bool | str = False
     ) -> None:
         self.settings = settings
         self.configure_arguments = configure_arguments
@@ -120,7 +120,8 @@ class ServerHooks:
         summary = telemetry.summary(http_port=server.http_port if self.mount_endpoint else None)
         _logger.info("%s", summary)
         if self.print_summary:
-            print(summary, file=sys.stderr, flush=True)
+            header = f"{self.print_summary}\n" if isinstance(self.print_summary, str) else ""
+            print(f"{header}{summary}", file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------------------------------------- REST app
 
