@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from time import time_ns
 
 from .names import KSERVE_BUCKETS
@@ -32,7 +32,7 @@ class HistogramSeries:
 
     __slots__ = (
         "attributes", "bounds", "start_time_ns", "_counts", "_sum", "_min", "_max",
-        "_interval_min", "_interval_max", "_lock",
+        "_interval_min", "_interval_max", "_lock", "mirror",
     )
 
     def __init__(self, attributes: dict[str, object], bounds: tuple[float, ...]) -> None:
@@ -44,6 +44,8 @@ class HistogramSeries:
         self._min = self._interval_min = math.inf
         self._max = self._interval_max = -math.inf
         self._lock = threading.Lock()
+        #: Called with every observed value too, when set (see :func:`set_mirror_factory`).
+        self.mirror: Callable[[float], object] | None = None  # set by _Family._get, which knows the family
 
     def observe(self, value: float) -> None:
         """Count ``value`` (seconds) in its bucket: bucket i holds bounds[i-1] < value <= bounds[i]."""
@@ -59,6 +61,9 @@ class HistogramSeries:
                 self._interval_min = value
             if value > self._interval_max:
                 self._interval_max = value
+        mirror = self.mirror
+        if mirror is not None:
+            mirror(value)
 
     def snapshot(self, reset_interval: bool = False) -> tuple[tuple[int, ...], float, float, float, float, float]:
         """(bucket counts, sum, min, max, interval min, interval max), read consistently.
@@ -82,17 +87,21 @@ class HistogramSeries:
 class CounterSeries:
     """Cumulative counter of one label set (monotonic unless its family is an up-down counter)."""
 
-    __slots__ = ("attributes", "start_time_ns", "_value", "_lock")
+    __slots__ = ("attributes", "start_time_ns", "_value", "_lock", "mirror")
 
     def __init__(self, attributes: dict[str, object]) -> None:
         self.attributes = attributes
         self.start_time_ns = time_ns()
         self._value = 0
         self._lock = threading.Lock()
+        self.mirror: Callable[[float], object] | None = None  # set by _Family._get, which knows the kind
 
     def add(self, amount: int = 1) -> None:
         with self._lock:
             self._value += amount
+        mirror = self.mirror
+        if mirror is not None:
+            mirror(amount)
 
     @property
     def value(self) -> int:
@@ -122,6 +131,7 @@ class _Family:
                     if len(self._series) >= CARDINALITY_LIMIT:
                         return self._get_overflow()
                     series = self._new(dict(zip(self.label_names, label_values)))
+                    series.mirror = _mirror_for(self, series.attributes)
                     self._series[label_values] = series
         return series
 
@@ -130,6 +140,7 @@ class _Family:
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = self._new(dict(OVERFLOW_ATTRIBUTES))
+            series.mirror = _mirror_for(self, series.attributes)
         return series
 
     def _new(self, attributes: dict[str, object]):  # type: ignore[no-untyped-def]
@@ -176,6 +187,28 @@ class UpDownCounterFamily(CounterFamily):
     """A counter that may go down (requests in flight): exported as a non-monotonic sum, always cumulative."""
 
     kind = "updowncounter"
+
+
+#: Makes the mirror of a new series (another metrics system that sees every observation too), if any.
+MirrorFactory = Callable[["_Family", dict[str, object]], "Callable[[float], object] | None"]
+_mirror_factory: MirrorFactory | None = None
+
+
+def _mirror_for(family: _Family, attributes: dict[str, object]) -> Callable[[float], object] | None:
+    factory = _mirror_factory
+    return factory(family, attributes) if factory is not None else None
+
+
+def set_mirror_factory(factory: MirrorFactory | None, registry: SeriesRegistry | None = None) -> None:
+    """Mirror every observation into another metrics system (Ray's, in Ray Serve replicas): ``factory(family,
+    attributes)`` returns the callable that receives each observed value (histograms) or increment (counters)
+    of a series, or ``None``. Existing series of ``registry`` (default: the process's) get their mirror now.
+    ``None`` removes every mirror."""
+    global _mirror_factory
+    _mirror_factory = factory
+    for family in (registry or REGISTRY).families():
+        for series in family.all_series():
+            series.mirror = _mirror_for(family, series.attributes)
 
 
 class SeriesRegistry:

@@ -22,13 +22,14 @@ from .annotations import (
     DEFAULT_ANNOTATIONS_FILE,
     read_annotations,
 )
-from .names import KSERVE_BUCKETS
+from .names import KSERVE_BUCKETS, STEP_NAME_PATTERN
 
 _logger = logging.getLogger(__name__)
 
 METRICS_EXPORTERS = ("prometheus", "otlp", "console", "none")
 TRACES_EXPORTERS = ("otlp", "console", "none")
 LATENCY_LOG_MODES = ("trace_id", "kserve", "off")
+RAY_METRICS_MODES = ("ray", "otlp", "none")
 SAMPLERS = (
     "always_on",
     "always_off",
@@ -100,13 +101,6 @@ def _choice_list(choices: tuple[str, ...]) -> Callable[[Any], tuple[str, ...]]:
     return parse
 
 
-def _parse_sampler(value: Any) -> str:
-    name = str(value).strip().lower()
-    if name not in SAMPLERS:
-        raise ValueError(", ".join(SAMPLERS))
-    return name
-
-
 def _parse_ratio(value: Any) -> float | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -132,11 +126,32 @@ def _parse_buckets(value: Any) -> tuple[float, ...]:
     return bounds
 
 
-def _parse_latency_log(value: Any) -> str:
-    mode = str(value).strip().lower()
-    if mode not in LATENCY_LOG_MODES:
-        raise ValueError(", ".join(LATENCY_LOG_MODES))
-    return mode
+def _choice(setting_choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        choice = str(value).strip().lower()
+        if choice not in setting_choices:
+            raise ValueError(", ".join(setting_choices))
+        return choice
+
+    return parse
+
+
+def _parse_step_map(value: Any) -> tuple[tuple[str, str], ...]:
+    accepted = ("a comma-separated list of method=step pairs, such as __call__=predict,tokenize=preprocess "
+                "(methods are Python names; steps are lowercase letters, digits and underscores)")
+    items = value.split(",") if isinstance(value, str) else [f"{k}={v}" for k, v in dict(value).items()]
+    pairs = []
+    for item in items:
+        method, sep, step = str(item).partition("=")
+        method, step = method.strip(), step.strip()
+        if not item.strip():
+            continue
+        if not sep or not method.isidentifier() or not STEP_NAME_PATTERN.match(step):
+            raise ValueError(accepted)
+        pairs.append((method, step))
+    if not pairs:
+        raise ValueError(accepted)
+    return tuple(pairs)
 
 
 def _parse_name(value: Any) -> str | None:
@@ -203,7 +218,7 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
         otel_env="OTEL_TRACES_EXPORTER",
     ),
     SettingSpec(
-        "traces_sampler", "KSERVE_OTEL_TRACES_SAMPLER", "parentbased_always_on", _parse_sampler,
+        "traces_sampler", "KSERVE_OTEL_TRACES_SAMPLER", "parentbased_always_on", _choice(SAMPLERS),
         "Sampler of a TracerProvider that kserve-otel installs.",
         otel_env="OTEL_TRACES_SAMPLER",
     ),
@@ -222,8 +237,18 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
         "Bucket boundaries in seconds of the step histograms (KServe's by default).",
     ),
     SettingSpec(
-        "latency_log", "KSERVE_OTEL_LATENCY_LOG", "trace_id", _parse_latency_log,
+        "latency_log", "KSERVE_OTEL_LATENCY_LOG", "trace_id", _choice(LATENCY_LOG_MODES),
         "KServe's per-request latency log line: trace_id (with the trace id added), kserve (unchanged), off.",
+    ),
+    SettingSpec(
+        "ray_metrics", "KSERVE_OTEL_RAY_METRICS", "ray", _choice(RAY_METRICS_MODES),
+        "Ray Serve replicas: ray (step metrics in Ray's own metrics, on each node's Ray metrics endpoint), "
+        "otlp (pushed to OTEL_EXPORTER_OTLP_ENDPOINT), or none.",
+    ),
+    SettingSpec(
+        "ray_steps", "KSERVE_OTEL_RAY_STEPS", (("__call__", "predict"),), _parse_step_map,
+        "Ray Serve deployments: which methods are which steps (method=step, comma-separated); "
+        "kserve.Model deployments use their handlers.",
     ),
     SettingSpec(
         "annotations_file", "KSERVE_OTEL_ANNOTATIONS_FILE", DEFAULT_ANNOTATIONS_FILE, _parse_file,
@@ -252,6 +277,8 @@ class Settings:
     service_name: str | None = None
     buckets: tuple[float, ...] = KSERVE_BUCKETS
     latency_log: str = "trace_id"
+    ray_metrics: str = "ray"
+    ray_steps: tuple[tuple[str, str], ...] = (("__call__", "predict"),)
     annotations_file: str = DEFAULT_ANNOTATIONS_FILE
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -353,5 +380,5 @@ def settings_table_rows() -> Iterable[tuple[str, str, str, str, str, str]]:
     for spec in SETTINGS_TABLE:
         default = spec.default
         if isinstance(default, tuple):
-            default = ",".join(str(v) for v in default) or "none"
+            default = ",".join("=".join(v) if isinstance(v, tuple) else str(v) for v in default) or "none"
         yield (spec.name, spec.env, spec.otel_env or "", spec.annotation or "", str(default), spec.doc)

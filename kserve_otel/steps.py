@@ -89,9 +89,12 @@ class StepRecorder:
     every way in ends in this one hot path.
     """
 
-    __slots__ = ("step", "model_name", "is_method", "default_model", "_models")
+    __slots__ = ("step", "model_name", "is_method", "default_model", "fallback_model", "_models")
 
-    def __init__(self, step: str, model_name: str | None = None, func: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self, step: str, model_name: str | None = None, func: Callable[..., Any] | None = None,
+        fallback_model: str | None = None,
+    ) -> None:
         self.step = validate_step_name(step)
         if model_name is not None and (not isinstance(model_name, str) or not model_name):
             raise ValueError(f"model_name must be a non-empty string, not {model_name!r}")
@@ -100,7 +103,14 @@ class StepRecorder:
         # A function defined in a class body has a dotted qualname (``Iris.predict``); its first argument is self.
         self.is_method = "." in qualname.rsplit("<locals>.", 1)[-1]
         self.default_model = getattr(func, "__name__", None) or step
+        #: Used before the class name for methods of objects without a ``name`` (a Ray Serve deployment's name).
+        self.fallback_model = fallback_model
         self._models: dict[str, _ModelInfo] = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Wrappers are pickled with the classes they decorate (cloudpickle into Ray Serve replicas): carry the
+        # configuration only; the per-model cache holds series and locks, which belong to this process.
+        return _rebuild_recorder, (self.step, self.model_name, self.is_method, self.default_model, self.fallback_model)
 
     def model_of(self, args: tuple[Any, ...]) -> str:
         """The model name of a call: explicit, else ``self.name``, else the class name, else the function name."""
@@ -111,6 +121,8 @@ class StepRecorder:
             name = getattr(owner, "name", None)
             if isinstance(name, str) and name:
                 return name
+            if self.fallback_model is not None:
+                return self.fallback_model
             return owner.__name__ if isinstance(owner, type) else type(owner).__name__
         return self.default_model
 
@@ -152,6 +164,25 @@ class StepRecorder:
         if _active.get() is info:
             return None
         return info, start_step_span(info.span_name, info.span_attributes)
+
+    # The wrappers reach the context variable through these methods rather than as a global: they are closures
+    # that cloudpickle copies by value into Ray Serve replicas, and a ContextVar cannot be pickled.
+    @staticmethod
+    def enter(info: _ModelInfo) -> Any:
+        """Mark ``info``'s step as the one being recorded in this context; returns the token for :meth:`leave`."""
+        return _active.set(info)
+
+    @staticmethod
+    def leave(token: Any) -> None:
+        _active.reset(token)
+
+
+def _rebuild_recorder(
+    step: str, model_name: str | None, is_method: bool, default_model: str, fallback_model: str | None
+) -> StepRecorder:
+    recorder = StepRecorder(step, model_name, fallback_model=fallback_model)
+    recorder.is_method, recorder.default_model = is_method, default_model
+    return recorder
 
 
 # --------------------------------------------------------------------------------------------- iterators
@@ -320,15 +351,15 @@ def _wrap(func: Callable[..., Any], recorder: StepRecorder) -> Callable[..., Any
             if begun is None:
                 return await func(*args, **kwargs)  # already recorded by an outer call
             info, handle = begun
-            token = _active.set(info)
+            token = recorder.enter(info)
             started = perf_counter()
             try:
                 result = await func(*args, **kwargs)
             except BaseException as exc:
-                _active.reset(token)
+                recorder.leave(token)
                 recorder.finish(info, started, handle, exc)
                 raise
-            _active.reset(token)
+            recorder.leave(token)
             return _hand_over(recorder, info, handle, started, result)
 
         wrapper = async_wrapper
@@ -339,15 +370,15 @@ def _wrap(func: Callable[..., Any], recorder: StepRecorder) -> Callable[..., Any
             if begun is None:
                 return func(*args, **kwargs)  # already recorded by an outer call
             info, handle = begun
-            token = _active.set(info)
+            token = recorder.enter(info)
             started = perf_counter()
             try:
                 result = func(*args, **kwargs)
             except BaseException as exc:
-                _active.reset(token)
+                recorder.leave(token)
                 recorder.finish(info, started, handle, exc)
                 raise
-            _active.reset(token)
+            recorder.leave(token)
             if type(result) in _ITERATOR_TYPES:
                 return _hand_over(recorder, info, handle, started, result)
             info.series.observe(perf_counter() - started)
@@ -369,6 +400,14 @@ _ITERATOR_TYPES = (types.GeneratorType, types.AsyncGeneratorType)
 def instrument_step(step: str, *, model_name: str | None = None) -> Callable[[F], F]: ...
 @overload
 def instrument_step(step: str, func: F, *, model_name: str | None = None) -> F: ...
+
+
+def wrap_step(func: Callable[..., Any], step: str, *, fallback_model: str | None = None) -> Callable[..., Any]:
+    """Integrations' form of ``instrument_step(step)(func)``: ``fallback_model`` names the model of methods whose
+    object has no ``name``, before the class name (a Ray Serve deployment's name)."""
+    if getattr(func, STEP_ATTRIBUTE, None) == step:
+        return func
+    return _wrap(func, StepRecorder(step, None, func, fallback_model))
 
 
 def instrument_step(step: str, func: Any = None, *, model_name: str | None = None) -> Any:

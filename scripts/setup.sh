@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the example and the tests need, on a fresh machine: a virtualenv in .venv with this
-# package and its extras (versions from constraints.txt), and Debian's prometheus (for promtool and the
-# Prometheus server the end-to-end tests start). Re-running it skips what is already in place.
+# package and its extras (versions from constraints.txt), Debian's prometheus (for promtool and the
+# Prometheus server the end-to-end tests start) and wrk (the benchmarks' load generator). Re-running it skips what is already in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,12 +20,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
-if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then
         command -v sudo >/dev/null 2>&1 || { echo "setup: Debian's prometheus is needed: run as root or install sudo" >&2; exit 1; }
         SUDO="sudo"
     fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus wrk >/dev/null
 fi

@@ -1,0 +1,313 @@
+"""End-to-end throughput: whole requests per second through real servers, bare and (later) instrumented.
+
+Why: per-call microseconds (:mod:`benchmarks.step_overhead`) say nothing about what a user sees, which is
+requests per second and latency percentiles of a whole server. A KServe iris request costs about a millisecond
+here; this measure shows what share of that instrumentation takes, once the instrumented servers exist.
+
+How: each server of :mod:`benchmarks.servers` runs in its own process on a free loopback port; a load generator
+drives ``POST /v1/models/iris:predict`` at concurrency 1 and 8 (one connection each, keep-alive) for a fixed
+number of seconds after a warm-up, a few times; the table holds the medians of those runs.
+
+Load generators: ``wrk`` when it is installed (``apt-get install wrk``; C, one thread: it leaves the server a
+core of its own), else a small asyncio HTTP/1.1 client in Python. The Python client is CPU-bound: on two cores it
+competes with the server, so its numbers are a floor, comparable only with each other. ``BENCH_LOADGEN=wrk`` or
+``python`` (``benchmarks.run --loadgen``) forces one.
+
+Instrumented servers are hooks (``benchmarks/servers.py``): they are measured as soon as the instrumentation
+they need exists, and are listed as pending until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from time import perf_counter, perf_counter_ns
+from urllib.parse import urlsplit
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .harness import ROOT, Section, Table, free_port, module_main
+from .servers import KINDS, MODEL_NAME, PREDICT_PATH, READY_PATHS, REQUEST_BODY, pending
+
+CONCURRENCIES = (1, 8)
+#: What each instrumented kind is compared with.
+BASELINES = {"starlette-instrumented": "starlette", "kserve-instrumented": "kserve"}
+
+
+@dataclass
+class LoadResult:
+    """One run of a load generator: completed requests, failures, and latency percentiles in milliseconds."""
+
+    requests: int
+    errors: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------- servers
+
+
+@contextmanager
+def running_server(kind: str, ready_timeout: float = 90.0) -> Iterator[str]:
+    """Start ``python -m benchmarks.servers KIND`` on free loopback ports; yields its base URL."""
+    http_port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "BENCH_HTTP_PORT": str(http_port), "BENCH_GRPC_PORT": str(grpc_port)}
+    base = f"http://127.0.0.1:{http_port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.servers", kind], cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        try:
+            _wait_ready(proc, base + READY_PATHS[kind.split("-")[0]], ready_timeout, log)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, log: object) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    log.seek(0)  # type: ignore[attr-defined]
+    tail = log.read()[-2000:].decode(errors="replace")  # type: ignore[attr-defined]
+    raise RuntimeError(f"server at {url} did not become ready (exit code {proc.poll()}):\n{tail}")
+
+
+# --------------------------------------------------------------------------------------------- load generators
+
+
+def choose_loadgen() -> str:
+    wanted = os.environ.get("BENCH_LOADGEN", "auto")
+    if wanted == "auto":
+        return "wrk" if shutil.which("wrk") else "python"
+    if wanted not in ("wrk", "python"):
+        raise SystemExit(f"BENCH_LOADGEN must be auto, wrk or python, not {wanted!r}")
+    return wanted
+
+
+_WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _wrk_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not match:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    return float(match.group(1)) * _WRK_UNITS[match.group(2)]
+
+
+def parse_wrk(output: str) -> LoadResult:
+    """The numbers of ``wrk --latency`` output."""
+    done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", output)
+    if not done:
+        raise ValueError(f"no request count in wrk output:\n{output}")
+    percentiles = dict(re.findall(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)$", output, re.M))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, sockets.groups())) if sockets else 0)
+    return LoadResult(
+        requests=int(done.group(1)), errors=errors, seconds=_wrk_ms(done.group(2) + done.group(3)) / 1e3,
+        p50_ms=_wrk_ms(percentiles["50"]), p99_ms=_wrk_ms(percentiles["99"]),
+    )
+
+
+def wrk_load(url: str, concurrency: int, seconds: int) -> LoadResult:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(_WRK_SCRIPT.format(body=REQUEST_BODY.decode()))
+        script.flush()
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", script.name, url],
+            capture_output=True, text=True, timeout=seconds + 60, check=True,
+        ).stdout
+    return parse_wrk(out)
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read one HTTP/1.1 response; returns its status and whether the server keeps the connection open."""
+    status = int((await reader.readline()).split()[1])
+    length, chunked, keep_alive = 0, False, True
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "transfer-encoding" and "chunked" in value:
+            chunked = True
+        elif name == "connection" and value == "close":
+            keep_alive = False
+    if not chunked:
+        await reader.readexactly(length)
+        return status, keep_alive
+    while size := int((await reader.readline()).split(b";")[0], 16):
+        await reader.readexactly(size + 2)
+    while await reader.readline() not in (b"\r\n", b""):  # trailers
+        pass
+    return status, keep_alive
+
+
+async def _drive(url: str, concurrency: int, seconds: float | None, requests: int | None) -> LoadResult:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    request = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(REQUEST_BODY)}\r\n\r\n"
+    ).encode() + REQUEST_BODY
+    latencies: list[int] = []
+    errors = 0
+    remaining = requests if requests is not None else -1
+    deadline = perf_counter() + seconds if seconds is not None else float("inf")
+
+    async def client() -> None:
+        nonlocal errors, remaining
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while remaining != 0 and perf_counter() < deadline:
+                remaining -= 1
+                start = perf_counter_ns()
+                writer.write(request)
+                try:
+                    status, keep_alive = await _read_response(reader)
+                except (ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    errors += 1
+                    status, keep_alive = 0, False
+                latencies.append(perf_counter_ns() - start)
+                if status != 200:
+                    errors += 1 if status else 0
+                if not keep_alive:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+        finally:
+            writer.close()
+
+    started = perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = perf_counter() - started
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    return LoadResult(len(latencies) - errors, errors, elapsed, cuts[49] / 1e6, cuts[98] / 1e6)
+
+
+def python_load(url: str, concurrency: int, seconds: float | None = None, requests: int | None = None) -> LoadResult:
+    """Drive ``url`` with ``concurrency`` keep-alive connections for ``seconds`` or a total of ``requests``."""
+    return asyncio.run(_drive(url, concurrency, seconds, requests))
+
+
+def load(loadgen: str, url: str, concurrency: int, seconds: int) -> LoadResult:
+    if loadgen == "wrk":
+        return wrk_load(url, concurrency, seconds)
+    return python_load(url, concurrency, seconds=seconds)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def predict_observations(base: str) -> int | None:
+    """``request_predict_seconds_count`` of the iris model on the server's ``/metrics``, if it serves one."""
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "request_predict_seconds_count" and sample.labels.get("model_name") == MODEL_NAME:
+                return int(sample.value)
+    return None
+
+
+def _fmt(results: list[LoadResult]) -> tuple[float, float, float, int]:
+    return (
+        statistics.median(r.rps for r in results), statistics.median(r.p50_ms for r in results),
+        statistics.median(r.p99_ms for r in results), sum(r.errors for r in results),
+    )
+
+
+def run(quick: bool) -> Section:
+    warmup, seconds, repeats = (0, 1, 1) if quick else (1, 5, 3)
+    loadgen = choose_loadgen()
+    section = Section("End-to-end throughput (whole requests)", __doc__.split("\n\n", 1)[1].strip() if __doc__ else "")
+    medians: dict[tuple[str, int], float] = {}
+    rows = []
+    for kind in KINDS:
+        reason = pending(kind)
+        if reason is not None:
+            rows.append([kind, "—", "pending", "", "", "", "", reason])
+            continue
+        try:
+            with running_server(kind) as base_url:
+                url, answered = base_url + PREDICT_PATH, 0
+                for concurrency in CONCURRENCIES:
+                    if warmup:
+                        answered += load(loadgen, url, concurrency, warmup).requests
+                    results = [load(loadgen, url, concurrency, seconds) for _ in range(repeats)]
+                    answered += sum(r.requests for r in results)
+                    rps, p50, p99, errors = _fmt(results)
+                    medians[(kind, concurrency)] = rps
+                    baseline = medians.get((BASELINES.get(kind, ""), concurrency))
+                    rows.append([
+                        kind, str(concurrency), f"{rps:,.0f}", f"{p50:.2f} ms", f"{p99:.2f} ms", str(errors),
+                        f"{repeats} x {seconds} s",
+                        "—" if baseline is None else f"{rps / baseline:.2f} of {BASELINES[kind]}",
+                    ])
+                observed = predict_observations(base_url)
+                if observed is not None:
+                    section.notes.append(
+                        f"{kind}: /metrics holds {observed:,} predict observations for {answered:,} requests answered."
+                    )
+        except (RuntimeError, subprocess.SubprocessError, ValueError, OSError) as exc:
+            rows.append([kind, "—", "failed", "", "", "", "", str(exc).splitlines()[0]])
+            section.notes.append(f"{kind} failed: {exc}")
+    section.tables.append(Table(
+        f"requests per second and latency (load generator: {loadgen}; medians of the runs)",
+        ["server", "concurrency", "requests/s", "p50", "p99", "errors", "runs", "vs uninstrumented"], rows,
+    ))
+    section.notes.insert(0, (
+        "Predict observations below: `request_predict_seconds_count{model_name=\"iris\"}` on the server's /metrics "
+        "after all its runs (warm-ups included), against the requests the load generator saw answered; a "
+        "request in flight when a run stops is observed without being counted as answered."
+    ))
+    # HOOK: once the instrumented servers run, add Targets here (for example
+    # kserve-instrumented throughput / kserve throughput >= an agreed share) next to the table.
+    if loadgen == "python":
+        section.notes.append(
+            "Load generator: Python asyncio client (wrk not installed). It is CPU-bound and shares two cores with "
+            "the server: the numbers are a floor, comparable with each other only."
+        )
+    return section
+
+
+if __name__ == "__main__":
+    module_main(run)
