@@ -6,8 +6,8 @@ How the check stays free when it is off: the ``.pth`` line itself only asks whet
 ``/etc/podinfo/annotations``) exists: a dictionary lookup and one ``stat``, well under the noise of starting
 Python. Only then is this module imported. It resolves the ``enabled`` setting alone (``KSERVE_OTEL_ENABLED``
 > the annotation ``serving.kserve.io/enable-prometheus-scraping`` > false) and, when it is on, registers
-import hooks: the moment the program imports ``kserve``, KServe is instrumented (its worker processes start
-Python afresh, so they go through the same check). Nothing here ever stops the program: a failure is one line
+import hooks: the moment the program imports ``kserve`` or ``ray.serve``, that framework is instrumented (KServe's
+worker processes and Ray Serve's replicas start Python afresh, so they go through the same check). Nothing here ever stops the program: a failure is one line
 on stderr. Settings other than ``enabled`` are checked when the model server starts, as with ``configure()``.
 """
 
@@ -18,6 +18,7 @@ import sys
 #: Import hooks: module name -> function instrumenting it (``module:function`` in this package).
 HOOKS = {
     "kserve": "kserve_otel.instrumentation.kserve:instrument_on_import",
+    "ray.serve": "kserve_otel.instrumentation.ray_serve:instrument_on_import",
 }
 
 

@@ -315,9 +315,29 @@ class Settings:
         """Where the value of setting ``name`` came from, in words (``"default"``, ``"KSERVE_OTEL_METRICS_PORT"``...)."""
         return self.sources.get(name, "default")
 
+    def explicit_environ(self) -> dict[str, str]:
+        """The settings given as explicit arguments, as ``KSERVE_OTEL_*`` variables: how a process hands its
+        configuration to processes it does not start itself (Ray Serve replicas)."""
+        environ = {}
+        for spec in SETTINGS_TABLE:
+            if self.source_of(spec.name).startswith("argument"):
+                value = getattr(self, spec.name)
+                if value is not None:
+                    environ[spec.env] = _format(value)
+        return environ
+
     def as_dict(self) -> dict[str, Any]:
         """The resolved values, by setting name."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
+
+
+def _format(value: Any) -> str:
+    """A setting's value as its variable would spell it (what its parser reads back)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join("=".join(item) if isinstance(item, tuple) else _format(item) for item in value) or "none"
+    return str(value)
 
 
 def _resolve(

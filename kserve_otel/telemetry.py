@@ -170,6 +170,7 @@ def configure(
     meter_provider: Any = None,
     tracer_provider: Any = None,
     serve_endpoint: bool | None = None,
+    resource_attributes: dict[str, Any] | None = None,
     **arguments: Any,
 ) -> Telemetry:
     """Set up metrics, traces and the Prometheus endpoint; calling it again returns what the first call set up.
@@ -181,6 +182,8 @@ def configure(
         serve_endpoint: start the standalone endpoint on ``metrics_port``. By default it starts unless an
             integration placed it (the KServe instrumentation does); pass False when the application mounts
             :meth:`Telemetry.asgi_middleware` on its own port instead.
+        resource_attributes: attributes added to the OpenTelemetry resource of what kserve-otel installs
+            (an integration's identity of the process, such as a Ray Serve replica's).
         **arguments: explicit settings, such as ``metrics_port=9090``; see :class:`Settings`.
 
     Raises:
@@ -198,7 +201,7 @@ def configure(
         resolved = settings if settings is not None else Settings.load(**arguments)
         if serve_endpoint is None:
             serve_endpoint = not _endpoint_claims
-        telemetry = _build(resolved, meter_provider, tracer_provider, serve_endpoint)
+        telemetry = _build(resolved, meter_provider, tracer_provider, serve_endpoint, resource_attributes or {})
         _current = telemetry
         return telemetry
 
@@ -236,9 +239,13 @@ def shutdown() -> None:
 # --------------------------------------------------------------------------------------------- building
 
 
-def _build(settings: Settings, meter_provider: Any, tracer_provider: Any, serve_endpoint: bool) -> Telemetry:
+def _build(
+    settings: Settings, meter_provider: Any, tracer_provider: Any, serve_endpoint: bool,
+    resource_attributes: dict[str, Any],
+) -> Telemetry:
     SERIES.default_bounds = settings.buckets
-    resource = _resource(settings)
+    resource = _resource(settings).merge(Resource(resource_attributes)) if resource_attributes \
+        else _resource(settings)
     readers, registry = _metric_readers(settings, resource)
     meter_provider, owns_meters = _attach_readers(readers, meter_provider, resource)
     tracer_provider, processors, owns_traces = _attach_span_export(settings, tracer_provider, resource)

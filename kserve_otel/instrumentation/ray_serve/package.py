@@ -1,0 +1,3 @@
+"""The Ray versions this instrumentation supports (``instrumentation_dependencies()``)."""
+
+_instruments = ("ray >= 2.55, < 3",)
