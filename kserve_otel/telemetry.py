@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ class Telemetry:
     span_processors: list[SpanProcessor] = field(default_factory=list)
     owns_meter_provider: bool = False
     owns_tracer_provider: bool = False
+    #: Stops the process and GPU metrics configure() turned on (``None`` when it did not).
+    stop_resource_metrics: Callable[[], None] | None = None
 
     @property
     def metrics_url(self) -> str | None:
@@ -219,6 +222,8 @@ def shutdown() -> None:
         return
     if telemetry.metrics_server is not None:
         telemetry.metrics_server.stop()
+    if telemetry.stop_resource_metrics is not None:
+        telemetry.stop_resource_metrics()
     provider = telemetry.meter_provider
     for reader in telemetry.readers:
         try:
@@ -248,11 +253,16 @@ def _build(
         else _resource(settings)
     readers, registry = _metric_readers(settings, resource)
     meter_provider, owns_meters = _attach_readers(readers, meter_provider, resource)
+    stop_resources = None
+    if readers and isinstance(meter_provider, MeterProvider):  # nothing would export them otherwise
+        from .resource_metrics import enable_resource_metrics
+
+        stop_resources = enable_resource_metrics(meter_provider)
     tracer_provider, processors, owns_traces = _attach_span_export(settings, tracer_provider, resource)
     telemetry = Telemetry(
         settings=settings, meter_provider=meter_provider, tracer_provider=tracer_provider,
         prometheus_registry=registry, readers=readers, span_processors=processors,
-        owns_meter_provider=owns_meters, owns_tracer_provider=owns_traces,
+        owns_meter_provider=owns_meters, owns_tracer_provider=owns_traces, stop_resource_metrics=stop_resources,
     )
     if serve_endpoint:
         telemetry.start_endpoint()
