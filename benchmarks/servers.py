@@ -9,9 +9,8 @@ and answers ``POST /v1/models/iris:predict`` with a KServe v1 body (``{"instance
 the environment, not from arguments, because ``import kserve`` parses ``sys.argv`` itself.
 
 Kinds (``KINDS``): ``starlette`` (a trivial Starlette JSON endpoint under uvicorn: the floor of any Python
-server) and ``kserve`` (KServe's ``ModelServer`` with a trivial ``kserve.Model``), each plain or
-``-instrumented``. The instrumented kinds are hooks: see :func:`instrument_starlette` and
-:func:`instrument_kserve`; :func:`pending` says why one cannot run yet.
+server) and ``kserve`` (KServe's ``ModelServer`` serving the iris example model), each plain or
+``-instrumented`` as a user would instrument it (:func:`instrument_starlette`, :func:`instrument_kserve`).
 """
 
 from __future__ import annotations
@@ -38,23 +37,24 @@ def _predictions(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def pending(kind: str) -> str | None:
-    """Why ``kind`` cannot be benchmarked yet (its instrumentation does not exist), or None when it can."""
-    if kind == "starlette-instrumented":
-        # HOOK (ASGI): when kserve_otel has ASGI instrumentation, return None here and fill in
-        # instrument_starlette() below.
-        return "kserve_otel has no ASGI instrumentation yet"
-    if kind == "kserve-instrumented":
-        try:
-            found = importlib.util.find_spec("kserve_otel.instrumentation.kserve") is not None
-        except ModuleNotFoundError:
-            found = False
-        return None if found else "kserve_otel.instrumentation.kserve (KServeInstrumentor) does not exist yet"
-    return None
+    """Why ``kind`` cannot be benchmarked (its instrumentation is missing), or None when it can."""
+    module = {"starlette-instrumented": "kserve_otel.instrumentation.asgi",
+              "kserve-instrumented": "kserve_otel.instrumentation.kserve"}.get(kind)
+    if module is None:
+        return None
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else f"{module} is not installed"
 
 
-def instrument_starlette(app: Any) -> Any:
-    """HOOK (ASGI): wrap ``app`` with kserve-otel's ASGI instrumentation and return what uvicorn should serve."""
-    raise NotImplementedError("kserve_otel has no ASGI instrumentation yet")
+def instrument_starlette(app: Any, http_port: int) -> Any:
+    """Wrap ``app`` with kserve-otel's ASGI instrumentation, default settings (no span exporter), the endpoint
+    on the app's own port: what uvicorn should serve."""
+    from kserve_otel.instrumentation.asgi import instrument_app
+
+    return instrument_app(app, http_port=http_port)
 
 
 def instrument_kserve(http_port: int) -> None:
@@ -89,7 +89,7 @@ def serve_starlette(port: int, instrumented: bool) -> None:
         Route(PREDICT_PATH, predict, methods=["POST"]), Route(READY_PATHS["starlette"], ready),
     ])
     if instrumented:
-        app = instrument_starlette(app)
+        app = instrument_starlette(app, port)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off")
 
 
@@ -98,18 +98,12 @@ def serve_kserve(http_port: int, grpc_port: int, instrumented: bool) -> None:
         instrument_kserve(http_port)
     import kserve
 
-    class Iris(kserve.Model):  # type: ignore[misc]
-        """A trivial model: the request path of KServe is all there is to time."""
+    from examples.sklearn_iris.model import IrisModel
 
-        def __init__(self, name: str) -> None:
-            super().__init__(name)
-            self.ready = True
-
-        def predict(self, payload: Any, headers: Any = None, response_headers: Any = None) -> Any:
-            return _predictions(payload)
-
+    model = IrisModel(MODEL_NAME)  # the README's example: scikit-learn's iris classifier, trained at start-up
+    model.load()
     # KServe's defaults otherwise (latency logging on), as a user runs it.
-    kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, enable_grpc=False, workers=1).start([Iris(MODEL_NAME)])
+    kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, enable_grpc=False, workers=1).start([model])
 
 
 def main(argv: list[str]) -> None:

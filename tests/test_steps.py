@@ -481,3 +481,32 @@ def test_ratio_sampler_goes_through_the_sdk(model):
     finally:
         tracing.set_tracer_provider(None)
     assert len(exporter.get_finished_spans()) == 1
+
+
+def test_the_api_still_keeps_the_global_tracer_provider_where_tracing_reads_it():
+    """kserve_otel.tracing reads ``trace._TRACER_PROVIDER`` (to avoid an environment lookup per step) and the
+    current span under ``_SPAN_KEY`` of the runtime context's ContextVar (a lookup instead of four API calls):
+    if the OpenTelemetry API moves any of them, this fails."""
+    from conftest import run_python
+
+    result = run_python("""
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from kserve_otel import tracing
+        assert isinstance(tracing.current_provider(), trace.ProxyTracerProvider)
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+        assert trace._TRACER_PROVIDER is provider
+        assert tracing.current_provider() is provider
+        from opentelemetry import context
+        from opentelemetry.trace.propagation import _SPAN_KEY
+        span = trace.NonRecordingSpan(trace.SpanContext(1, 2, is_remote=True))
+        assert context.get_current().get(_SPAN_KEY) is None
+        token = context.attach(trace.set_span_in_context(span))
+        assert context.get_current().get(_SPAN_KEY) is span
+        assert tracing._current_context() is context.get_current()
+        assert tracing._current_context.__self__ is context._RUNTIME_CONTEXT._current_context  # the fast path
+        context.detach(token)
+        print("ok")
+    """)
+    assert result.stdout.strip() == "ok", result.stderr
