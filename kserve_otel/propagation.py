@@ -67,7 +67,12 @@ def extract(carrier: Mapping[str, str]) -> Context | None:
 def extract_asgi(raw_headers: Iterable[tuple[bytes, bytes]]) -> Context | None:
     """:func:`extract` for an ASGI scope's ``headers`` list."""
     _, raw_names = _fields()
-    carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers if k in raw_names}
+    carrier = None
+    for key, value in raw_headers:
+        if key in raw_names:
+            if carrier is None:
+                carrier = {}
+            carrier[key.decode("latin-1")] = value.decode("latin-1")
     return extract(carrier) if carrier else None
 
 

@@ -53,15 +53,27 @@ class HTTPServerMetrics:
             (ATTR_HTTP_METHOD, ATTR_HTTP_ROUTE, ATTR_HTTP_STATUS), bounds=HTTP_DURATION_BUCKETS,
         )
 
+        # The series of each label set, kept at hand: two family lookups a request are measurable here.
+        self._active_series: dict[str, Any] = {}
+        self._duration_series: dict[tuple[str, str, int], Any] = {}
+
     def begin(self, method: str) -> float:
         """Count a request of ``method`` (see :func:`method_of`) in flight; returns its start time."""
-        self._active.series(method).add(1)
+        active = self._active_series.get(method)
+        if active is None:
+            active = self._active_series[method] = self._active.series(method)
+        active.add(1)
         return perf_counter()
 
     def end(self, method: str, started: float, route: str, status: int) -> None:
         """The request that :meth:`begin` returned ``started`` for is over."""
-        self._active.series(method).add(-1)
-        self._duration.series(method, route, str(status)).observe(perf_counter() - started)
+        elapsed = perf_counter() - started
+        self._active_series[method].add(-1)
+        key = (method, route, status)
+        duration = self._duration_series.get(key)
+        if duration is None:
+            duration = self._duration_series[key] = self._duration.series(method, route, str(status))
+        duration.observe(elapsed)
 
 
 def method_of(scope: Scope) -> str:

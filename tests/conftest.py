@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -203,3 +209,55 @@ def serving(servers: dict[str, ServerProcess]) -> Iterator[dict[str, ServerProce
     finally:
         for server in servers.values():
             server.stop()
+
+
+def wait_until(predicate, what: str, timeout: float = 30) -> None:
+    """Poll ``predicate`` every 0.2 s until it is true; fail saying ``what`` did not happen in time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
+class PrometheusProcess:
+    """Debian's Prometheus server on a free loopback port, with its data in ``tmp``; stops on ``stop()``."""
+
+    def __init__(self, config: Path, tmp: Path) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = tmp / "prometheus.log"
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            ["/usr/bin/prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
+             f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+
+    def ready(self) -> bool:
+        if self.process.poll() is not None:
+            log = self.log_path.read_text()
+            raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n{log}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: Any) -> dict:
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as error:  # 400/422 carry {"status": "error", "error": ...}
+            return json.load(error)
+
+    def query(self, expr: str) -> dict:
+        return self.api("query", query=expr)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._log.close()

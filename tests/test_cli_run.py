@@ -111,3 +111,33 @@ def test_help_names_every_options_environment_variable():
                      "KSERVE_OTEL_METRICS_PATH", "KSERVE_OTEL_TRACES_EXPORTER", "KSERVE_OTEL_TRACES_SAMPLER",
                      "KSERVE_OTEL_TRACES_SAMPLER_ARG"):
         assert variable in help_text
+
+
+def test_a_ray_serve_application_is_served_with_step_metrics_on_rays_endpoint():
+    import signal
+    import time
+
+    http_port, metrics_port = free_port(), free_port()
+    server = ServerProcess([RUN, "examples.ray_serve:app", "--host", "127.0.0.1", "--http-port", str(http_port),
+                            "--metrics-port", str(metrics_port)], http_port, ready_path="/-/routes")
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray's metrics endpoint" not in server.log():  # printed once the application is deployed
+            assert server.process.poll() is None and time.monotonic() < deadline, server.log()
+            time.sleep(0.5)
+        for _ in range(10):
+            assert httpx.post(f"{server.url}/", json=V1_BODY, timeout=60).json() == {"predictions": [1]}
+        assert "serving the Ray Serve application examples.ray_serve:app" in server.log()
+        assert "deployments Preprocessor (Preprocessor), IrisClassifier (IrisClassifier)" in server.log()
+        total = 0.0
+        while time.monotonic() < deadline and total < 10:  # Ray exports every few seconds
+            text = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+            total = sum(s.value for f in families(text).values() for s in f.samples
+                        if s.name == "ray_request_predict_seconds_count" and s.labels.get("model_name") == "iris")
+            time.sleep(1)
+        assert total == 10
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+        assert "shutting down Ray Serve" in server.log()
+    finally:
+        server.stop()

@@ -131,8 +131,8 @@ def test_configure_with_busy_port_still_instruments(caplog, spans, model):
         blocker.stop()
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool is installed by scripts/setup.sh")
 def test_promtool_accepts_the_exposition(telemetry, model):
+    assert PROMTOOL is not None, "promtool is missing: scripts/setup.sh installs Debian's prometheus"
     class Model:
         name = model
 

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import ROOT, KServeProcess, free_port, scrape
+from conftest import ROOT, KServeProcess, PrometheusProcess, free_port, scrape, wait_until
 from opentelemetry.sdk import environment_variables as otel_environment_variables
 
 from kserve_otel.annotations import DEFAULT_ANNOTATIONS_FILE
@@ -44,7 +44,7 @@ RULES = INTEGRATIONS / "prometheus" / "kserve-otel-rules.yaml"
 PROMETHEUS_CONFIG = INTEGRATIONS / "prometheus" / "prometheus.yml"
 KUBERNETES = INTEGRATIONS / "kubernetes"
 COLLECTOR = INTEGRATIONS / "otel-collector" / "config.yaml"
-PROMETHEUS, PROMTOOL = "/usr/bin/prometheus", "/usr/bin/promtool"
+PROMTOOL = "/usr/bin/promtool"
 
 STEPS = ("preprocess", "predict", "postprocess", "explain")
 MODELS = ("iris", "echo", "failing", "stream")
@@ -72,11 +72,8 @@ ALERTS_FALSE_HERE = {
     "KServeModelStepLatencyHigh": "every step's p99 here is well under the 0.5 s threshold (the slowest, the "
                                   "streaming predict, takes about 0.2 s)",
 }
-#: KSERVE_OTEL_* variables the manifests set that SETTINGS_TABLE does not have yet. The Ray Serve issue adds
-#: KSERVE_OTEL_RAY_METRICS ("ray": forward the step histograms into Ray's metrics); take it out of here then.
-SETTINGS_TO_BE_ADDED = {"KSERVE_OTEL_RAY_METRICS"}
-#: Metrics being added to KServe's REST app (another issue): a query over them without data says so.
-BEING_ADDED = {"http_server_active_requests", "http_server_request_duration_seconds"}
+#: HTTP metrics of the instrumented REST app (kserve_otel.request_spans): a query over them without data says so.
+HTTP_METRICS = ("http_server_active_requests", "http_server_request_duration_seconds")
 
 ROWS = [[6.8, 2.8, 4.8, 1.4], [5.1, 3.5, 1.4, 0.2]]
 TRAFFIC_SECONDS = 3.0
@@ -185,57 +182,6 @@ def _test_prometheus_config(server: KServeProcess, tmp: Path) -> Path:
     return path
 
 
-def _wait_until(predicate, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
-
-
-class PrometheusProcess:
-    """Debian's Prometheus server on a free loopback port, with its data in ``tmp``; stops on ``stop()``."""
-
-    def __init__(self, config: Path, tmp: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log_path = tmp / "prometheus.log"
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn"],
-            stdout=self._log, stderr=subprocess.STDOUT)
-
-    def ready(self) -> bool:
-        if self.process.poll() is not None:
-            log = self.log_path.read_text()
-            raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n{log}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def api(self, path: str, **params: Any) -> dict:
-        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as error:  # 400/422 carry {"status": "error", "error": ...}
-            return json.load(error)
-
-    def query(self, expr: str) -> dict:
-        return self.api("query", query=expr)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self._log.close()
-
-
 @dataclass
 class Stack:
     server: KServeProcess
@@ -248,12 +194,12 @@ class Stack:
 
 
 def _missing_note(missing: list[str]) -> str:
-    """Which series the model server does not export, and that the http_server_* ones are on their way."""
+    """Which series the model server does not export."""
     if not missing:
         return ""
     note = f": {', '.join(missing)} not on the model server's /metrics"
-    if any(name.startswith(tuple(BEING_ADDED)) for name in missing):
-        note += " (the http_server_* metrics are being added to KServe's REST app in another issue)"
+    if any(name.startswith(HTTP_METRICS) for name in missing):
+        note += " (the HTTP metrics come from kserve-otel's request middleware in KServe's REST app)"
     return note
 
 
@@ -290,16 +236,16 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     try:
         server.wait_ready()
         prometheus = PrometheusProcess(_test_prometheus_config(server, tmp), tmp)
-        _wait_until(prometheus.ready, "Prometheus to be ready")
+        wait_until(prometheus.ready, "Prometheus to be ready")
         # Prometheus applies discovered targets up to 5 s after start: traffic before the first scrape would
         # be seen as a constant counter (a rate of zero).
-        _wait_until(lambda: _scrapes(prometheus) >= 1, "the first scrape of the model server")
+        wait_until(lambda: _scrapes(prometheus) >= 1, "the first scrape of the model server")
         _send_traffic(server.url, TRAFFIC_SECONDS)
         # Two scrapes after the traffic: every series then has two samples in any rate window.
         after_traffic = _scrapes(prometheus)
-        _wait_until(lambda: _scrapes(prometheus) >= max(after_traffic + 2, 4), "2 scrapes after the traffic")
+        wait_until(lambda: _scrapes(prometheus) >= max(after_traffic + 2, 4), "2 scrapes after the traffic")
         # ... and the rules have been evaluated since (each group in order, every second).
-        _wait_until(lambda: all(_has_data(prometheus, name) for name in {
+        wait_until(lambda: all(_has_data(prometheus, name) for name in {
             "model_step:request_error_ratio:rate5m", 'model_step:request_seconds:p99_5m{step="explain"}',
             "model_step:time_to_first_item_seconds:p99_5m"}), "the recording rules")
         yield Stack(server, prometheus, scrape(f"{server.url}/metrics"))
@@ -538,11 +484,11 @@ def test_manifests_name_only_settings_and_annotations_this_package_reads():
     documents[PROMETHEUS_CONFIG.name] = [yaml.safe_load(PROMETHEUS_CONFIG.read_text())]
     strings = [item for docs in documents.values() for item in _walk(docs) if isinstance(item, str)]
     named = {name for text in strings for name in re.findall(r"\b(?:KSERVE_)?OTEL_[A-Z0-9_]+", text)}
-    unknown = {n for n in named if n.startswith("KSERVE_")} - set(env_specs) - SETTINGS_TO_BE_ADDED
-    assert not unknown, f"not in SETTINGS_TABLE (nor in SETTINGS_TO_BE_ADDED): {sorted(unknown)}"
+    unknown = {n for n in named if n.startswith("KSERVE_")} - set(env_specs)
+    assert not unknown, f"not in SETTINGS_TABLE: {sorted(unknown)}"
     unknown = {n for n in named if n.startswith("OTEL_")} - set(env_specs) - otel_sdk
     assert not unknown, f"no OpenTelemetry SDK reads these: {sorted(unknown)}"
-    assert SETTINGS_TO_BE_ADDED <= named
+    assert "KSERVE_OTEL_RAY_METRICS" in named  # the RayService example chooses where Ray's step metrics go
     annotation = r"prometheus\.kserve\.io/[\w.-]+|serving\.kserve\.io/enable-prometheus[\w-]*"
     annotations = {a for text in strings for a in re.findall(annotation, text)}
     discovered = r"__meta_kubernetes_pod_annotation_(\w+)"

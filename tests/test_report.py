@@ -27,8 +27,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, KServeProcess, free_port
-from test_integrations import PrometheusProcess, _wait_until
+from conftest import ROOT, KServeProcess, PrometheusProcess, free_port, wait_until
 
 from kserve_otel.cli.main import main
 from kserve_otel.report.analysis import analyse
@@ -194,23 +193,22 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    if not os.path.exists(PROMETHEUS):
-        pytest.skip("Debian's prometheus is not installed (scripts/setup.sh installs it)")
+    assert os.path.exists(PROMETHEUS), "Debian's prometheus is missing: scripts/setup.sh installs it"
     server = ReportServer()
     ray_node = _answering("text/plain; version=0.0.4", _ray_node_exposition())
     prometheus = _prometheus({"report": f"127.0.0.1:{server.http_port}",
                               "ray": f"127.0.0.1:{ray_node.server_address[1]}"}, tmp_path_factory.mktemp("prometheus"))
     try:
         server.wait_ready()
-        _wait_until(prometheus.ready, "Prometheus to be ready")
-        _wait_until(lambda: _scrapes(prometheus, "report") >= 1, "Prometheus' first scrape of the model server")
+        wait_until(prometheus.ready, "Prometheus to be ready")
+        wait_until(lambda: _scrapes(prometheus, "report") >= 1, "Prometheus' first scrape of the model server")
         with Traffic(server.url) as traffic:
             runs = [_report(server.url, "--interval", f"{REPORT_SECONDS}s", "--slo", slo, *extra)
                     for slo, extra in ((TIGHT_SLO, ["--json"]), (LOOSE_SLO, ["--json"]), (TIGHT_SLO, []))]
             tight, loose, table = (_finish(run) for run in runs)
         assert traffic.sent > 10, traffic.sent
         after = _scrapes(prometheus, "report")
-        _wait_until(lambda: _scrapes(prometheus, "report") >= after + 2, "two scrapes after the traffic")
+        wait_until(lambda: _scrapes(prometheus, "report") >= after + 2, "two scrapes after the traffic")
         yield Stack(server, prometheus, tight, loose, table)
     finally:
         prometheus.stop()

@@ -80,22 +80,37 @@ def _serve_asgi(target: Target, options: ServeOptions) -> int:
 
 
 def _serve_ray(target: Target, options: ServeOptions) -> int:
+    import os
+
+    import ray
     from ray import serve
 
     from ..instrumentation.ray_serve import RayServeInstrumentor, describe_application
 
     application = target.value.bind() if type(target.value).__name__ == "Deployment" else target.value
+    settings = options.settings
+    if not ray.is_initialized():
+        # Replicas import the application's module by name: give them the directories it was found in.
+        path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+        init: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}}
+        if settings.source_of("metrics_port") != "default":
+            init["_metrics_export_port"] = settings.metrics_port  # Ray's metrics endpoint, where the steps go
+        ray.init(**init)
     instrumentor = RayServeInstrumentor()
-    instrumentor.instrument(settings=options.settings)
+    instrumentor.instrument(settings=settings)
     serve.start(http_options={"host": options.host, "port": options.http_port})
-    serve.run(instrumentor.instrument_application(application), blocking=False)
+    serve.run(application, blocking=False)
+    from ray._private.worker import global_worker
+
+    metrics_port = getattr(getattr(global_worker, "node", None), "metrics_export_port", None)
     _say(f"serving the Ray Serve application {target.spec} on http://{options.host}:{options.http_port}: "
-         f"{describe_application(application)}")
-    _say(instrumentor.summary())
+         f"{describe_application(application)}; Ray's metrics endpoint: http://127.0.0.1:{metrics_port}/metrics")
+    print(instrumentor.summary(), file=sys.stderr, flush=True)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
     stopped.wait()
     _say("shutting down Ray Serve")
     serve.shutdown()
+    ray.shutdown()
     return 0
