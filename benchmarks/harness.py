@@ -111,18 +111,25 @@ def measure(cases: list[Case], rounds: int, target_ns: float) -> Timings:
 
 @dataclass
 class Target:
-    """A claim: ``value`` (a ratio) must be at most ``limit``. ``value`` is None when it could not be measured."""
+    """A claim: ``value`` (a ratio) must be at most ``limit`` (at least, with ``at_least``). ``value`` is None
+    when it could not be measured."""
 
     name: str
     value: float | None
     limit: float
     how: str
+    at_least: bool = False
 
     @property
     def status(self) -> str:
         if self.value is None:
             return "n/a"
-        return "PASS" if self.value <= self.limit else "MISS"
+        passed = self.value >= self.limit if self.at_least else self.value <= self.limit
+        return "PASS" if passed else "MISS"
+
+    @property
+    def bound(self) -> str:
+        return f"{'≥' if self.at_least else '≤'} {self.limit:g}"
 
 
 @dataclass

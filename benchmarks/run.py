@@ -63,7 +63,7 @@ def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
 
 def _target_rows(targets: list[Target]) -> list[list[str]]:
     return [
-        [t.name, "—" if t.value is None else f"{t.value:.2f}", f"≤ {t.limit:g}", t.status, t.how] for t in targets
+        [t.name, "—" if t.value is None else f"{t.value:.2f}", t.bound, t.status, t.how] for t in targets
     ]
 
 

@@ -13,8 +13,8 @@ core of its own), else a small asyncio HTTP/1.1 client in Python. The Python cli
 competes with the server, so its numbers are a floor, comparable only with each other. ``BENCH_LOADGEN=wrk`` or
 ``python`` (``benchmarks.run --loadgen``) forces one.
 
-Instrumented servers are hooks (``benchmarks/servers.py``): they are measured as soon as the instrumentation
-they need exists, and are listed as pending until then.
+Targets: the instrumented KServe iris server keeps at least 0.97 of KServe's own throughput, the instrumented
+trivial Starlette app at least 0.90 of the bare app's, at each concurrency.
 """
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .harness import ROOT, Section, Table, free_port, module_main
+from .harness import ROOT, Section, Table, Target, free_port, module_main
 from .servers import KINDS, MODEL_NAME, PREDICT_PATH, READY_PATHS, REQUEST_BODY, pending
 
 CONCURRENCIES = (1, 8)
 #: What each instrumented kind is compared with.
 BASELINES = {"starlette-instrumented": "starlette", "kserve-instrumented": "kserve"}
+#: The least share of the uninstrumented throughput each instrumented server must keep (issue targets).
+THROUGHPUT_TARGETS = {"kserve-instrumented": 0.97, "starlette-instrumented": 0.90}
 
 
 @dataclass
@@ -299,8 +301,15 @@ def run(quick: bool) -> Section:
         "after all its runs (warm-ups included), against the requests the load generator saw answered; a "
         "request in flight when a run stops is observed without being counted as answered."
     ))
-    # HOOK: once the instrumented servers run, add Targets here (for example
-    # kserve-instrumented throughput / kserve throughput >= an agreed share) next to the table.
+    for kind, limit in THROUGHPUT_TARGETS.items():
+        base = BASELINES[kind]
+        for concurrency in CONCURRENCIES:
+            ours, theirs = medians.get((kind, concurrency)), medians.get((base, concurrency))
+            section.targets.append(Target(
+                f"throughput, concurrency {concurrency}: {kind} / {base}",
+                None if ours is None or not theirs else ours / theirs, limit,
+                "—" if ours is None or not theirs else f"{ours:,.0f} / {theirs:,.0f} requests/s", at_least=True,
+            ))
     if loadgen == "python":
         section.notes.append(
             "Load generator: Python asyncio client (wrk not installed). It is CPU-bound and shares two cores with "
