@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from dashboard import DASHBOARD, all_panels, dashboard, dashboard_queries, referenced_variables, substitute
 from conftest import ROOT, KServeProcess, PrometheusProcess, free_port, scrape, wait_until
 from opentelemetry.sdk import environment_variables as otel_environment_variables
 
@@ -39,7 +40,6 @@ from kserve_otel.settings import SETTINGS_TABLE
 pytestmark = pytest.mark.e2e
 
 INTEGRATIONS = Path(ROOT) / "integrations"
-DASHBOARD = INTEGRATIONS / "grafana" / "kserve-otel-dashboard.json"
 RULES = INTEGRATIONS / "prometheus" / "kserve-otel-rules.yaml"
 PROMETHEUS_CONFIG = INTEGRATIONS / "prometheus" / "prometheus.yml"
 KUBERNETES = INTEGRATIONS / "kubernetes"
@@ -55,15 +55,13 @@ TEMPLATE_VALUES = {"namespace": NAMESPACE, "model": "(" + "|".join(MODELS) + ")"
 #: Variables Grafana defines itself (the dashboard uses these in queries and data links).
 GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range", "__from", "__to", "__field"}
 
+RAY_PANEL = ("Ray's per-node metrics endpoint exports it: no Ray cluster here; tests/test_ray_serve.py evaluates it "
+             "with data, through a Prometheus scraping its Ray cluster")
 #: Dashboard panels whose queries cannot have data here (checked for validity only), by title, with why.
 NO_DATA_HERE = {
-    "Predict p99 per replica (ms)":
-        "ray_request_predict_seconds is exported by Ray's per-node metrics endpoint "
-        "(KSERVE_OTEL_RAY_METRICS=ray): no Ray cluster in this test",
-    "Queries being processed per replica":
-        "ray_serve_replica_processing_queries is Ray Serve's own: no Ray cluster in this test",
-    "Replica processing latency p99 (ms)":
-        "ray_serve_deployment_processing_latency_ms is Ray Serve's own: no Ray cluster in this test",
+    "Predict p99 per replica (ms)": RAY_PANEL,
+    "Queries being processed per replica": RAY_PANEL,
+    "Replica processing latency p99 (ms)": RAY_PANEL,
     "GPU memory used (DCGM)": "DCGM_FI_DEV_FB_USED comes from NVIDIA's dcgm-exporter: no GPU in this test",
 }
 #: Alerts whose condition is false here: their expression must succeed, and the expression without its
@@ -82,39 +80,13 @@ TRAFFIC_SECONDS = 3.0
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
-
-
-def _all_panels(dashboard: dict) -> list[dict]:
-    """Every panel, those inside (collapsed) rows too."""
-    panels = []
-    for panel in dashboard["panels"]:
-        panels.append(panel)
-        panels.extend(panel.get("panels", []))
-    return panels
-
-
-def _dashboard_queries(dashboard: dict) -> list[tuple[str, str, str]]:
-    """(panel title, refId, expr) of every target of every panel."""
-    return [(panel["title"], target["refId"], target["expr"])
-            for panel in _all_panels(dashboard) for target in panel.get("targets", [])]
-
-
-def _variables(dashboard: dict) -> dict[str, dict]:
-    return {variable["name"]: variable for variable in dashboard["templating"]["list"]}
-
-
-_VARIABLE = re.compile(r"\$(?:\{(\w+)[^}]*\}|(\w+))")
-
-
-def _referenced_variables(text: str) -> set[str]:
-    return {braced or bare for braced, bare in _VARIABLE.findall(text)}
+def _variables(board: dict) -> dict[str, dict]:
+    return {variable["name"]: variable for variable in board["templating"]["list"]}
 
 
 def _substitute(expr: str) -> str:
     """The expression as Grafana sends it, with TEMPLATE_VALUES in place of the variables (others stay)."""
-    return _VARIABLE.sub(lambda match: TEMPLATE_VALUES.get(match[1] or match[2], match[0]), expr)
+    return substitute(expr, TEMPLATE_VALUES)
 
 
 def _rules() -> list[dict]:
@@ -271,22 +243,22 @@ def test_the_example_scrape_config_scrapes_the_annotated_port_and_path(stack):
 
 
 def test_the_scrape_has_every_metric_the_integrations_use(stack):
-    used = {name for _, _, expr in _dashboard_queries(_dashboard()) for name in _metric_names(expr)}
+    used = {name for _, _, expr in dashboard_queries(dashboard()) for name in _metric_names(expr)}
     used |= {name for rule in _rules() for name in _metric_names(rule["expr"])}
     missing = sorted(used - _sample_names(stack.exposition))
     assert not missing, f"the integrations use series the server does not export{_missing_note(missing)}"
 
 
 def test_every_dashboard_query_succeeds_and_has_data(stack):
-    queries = _dashboard_queries(_dashboard())
+    queries = dashboard_queries(dashboard())
     assert set(NO_DATA_HERE) <= {title for title, _, _ in queries}, "NO_DATA_HERE names a panel that is gone"
     problems = []
     for title, ref, expr in queries:
         promql = _substitute(expr)
         result = stack.prometheus.query(promql)
         where = f"{title} [{ref}]"
-        if _referenced_variables(promql):
-            problems.append(f"{where}: no test value for {_referenced_variables(promql)}")
+        if referenced_variables(promql):
+            problems.append(f"{where}: no test value for {referenced_variables(promql)}")
         elif result["status"] != "success":
             problems.append(f"{where}: {result.get('errorType')}: {result.get('error')}\n    {promql}")
         elif not result["data"]["result"] and title not in NO_DATA_HERE:
@@ -326,7 +298,7 @@ def test_prometheus_evaluates_every_rule_without_error(stack):
 
 def test_template_variable_queries_find_the_namespace_and_models(stack):
     found = {}
-    for name, variable in _variables(_dashboard()).items():
+    for name, variable in _variables(dashboard()).items():
         if variable["type"] != "query":
             continue
         match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["query"]["query"])
@@ -342,15 +314,15 @@ def test_template_variable_queries_find_the_namespace_and_models(stack):
 
 
 def test_the_dashboard_is_valid_with_unique_ids_and_defined_variables():
-    dashboard = _dashboard()
-    panels = _all_panels(dashboard)
+    board = dashboard()
+    panels = all_panels(board)
     ids = [panel["id"] for panel in panels]
     assert len(ids) == len(set(ids)), ids
-    variables = _variables(dashboard)
+    variables = _variables(board)
     assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
     assert variables["traces_datasource"]["type"] == "datasource"
-    used = _referenced_variables(json.dumps(dashboard["panels"]))
-    used |= {name for v in variables.values() for name in _referenced_variables(json.dumps(v["query"]))}
+    used = referenced_variables(json.dumps(board["panels"]))
+    used |= {name for v in variables.values() for name in referenced_variables(json.dumps(v["query"]))}
     assert used - GRAFANA_BUILTINS <= set(variables), used - GRAFANA_BUILTINS - set(variables)
     assert {"namespace", "model", "datasource", "traces_datasource"} <= used
     boxes = []
@@ -366,8 +338,8 @@ def test_the_dashboard_is_valid_with_unique_ids_and_defined_variables():
 
 
 def test_kserve_latency_panels_in_milliseconds_with_a_link_to_the_steps_traces():
-    queries = _dashboard_queries(_dashboard())
-    panels = {panel["title"]: panel for panel in _all_panels(_dashboard())}
+    queries = dashboard_queries(dashboard())
+    panels = {panel["title"]: panel for panel in all_panels(dashboard())}
     for step in STEPS:
         exprs = [expr for _, _, expr in queries if f"request_{step}_seconds_bucket" in expr]
         quantiles = {re.match(r"histogram_quantile\(([0-9.]+),", e)[1] for e in exprs}

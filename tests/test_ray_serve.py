@@ -190,3 +190,50 @@ def test_the_driver_walks_the_whole_application():
     for deployment in deployments:
         assert deployment.ray_actor_options["runtime_env"]["env_vars"]["KSERVE_OTEL_ENABLED"] == "true"
     assert deployments[1].num_replicas == 2  # the rest of the deployment's options are kept
+
+
+#: The dashboard's Ray Serve row (integrations/grafana): evaluated here, where a Ray cluster exports data.
+RAY_PANELS = ("Predict p99 per replica (ms)", "Queries being processed per replica",
+              "Replica processing latency p99 (ms)")
+
+
+def test_the_dashboards_ray_serve_panels_have_data_in_prometheus(cluster, tmp_path):
+    import threading
+
+    from conftest import PrometheusProcess, wait_until
+    from dashboard import dashboard, dashboard_queries, substitute
+
+    queries = [(title, expr) for title, _, expr in dashboard_queries(dashboard()) if title in RAY_PANELS]
+    assert {title for title, _ in queries} == set(RAY_PANELS)
+    metrics = cluster["metrics"].removeprefix("http://").removesuffix("/metrics")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "ray-nodes", "static_configs": [
+            {"targets": [metrics], "labels": {"namespace": "ray-test"}}]}],
+    }))
+    prometheus = PrometheusProcess(config, tmp_path)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            post(cluster["url"] + "/", {"instances": ROWS})
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        wait_until(prometheus.ready, "Prometheus to be ready")
+        values = {"namespace": "ray-test", "model": "(iris)", "__rate_interval": "1m"}
+
+        def has_data(expr: str) -> bool:
+            result = prometheus.query(substitute(expr, values))
+            assert result["status"] == "success", result
+            return any(sample["value"][1] != "NaN" for sample in result["data"]["result"])
+
+        for title, expr in queries:  # Ray exports every few seconds; rate() needs two changed scrapes
+            wait_until(lambda: has_data(expr), f"data for the panel {title!r}", timeout=90)
+    finally:
+        stop.set()
+        sender.join(timeout=30)
+        prometheus.stop()
