@@ -179,3 +179,40 @@ def test_missing_otlp_package_names_the_extra(monkeypatch):
     with pytest.raises(SettingsError, match=r"pip install 'kserve-otel\[otlp\]'"):
         kserve_otel.configure(metrics_exporters="otlp", annotations_file="/nonexistent")
     kserve_otel.shutdown()
+
+
+def test_a_failing_exporter_never_breaks_a_step():
+    """OTLP to a port nobody listens on: every step still returns its value, and the model's own exception
+    still reaches the caller unchanged; the exporters' failures stay in the log."""
+    from conftest import free_port
+
+    result = run_python(
+        """
+        import kserve_otel
+        from kserve_otel import instrument_step
+        t = kserve_otel.configure()
+
+        @instrument_step("predict", model_name="iris")
+        def predict(x):
+            if x < 0:
+                raise ValueError("negative")
+            return x * 2
+
+        assert [predict(x) for x in range(200)] == [x * 2 for x in range(200)]
+        try:
+            predict(-1)
+        except ValueError as error:
+            assert str(error) == "negative"
+        else:
+            raise AssertionError("the model's exception was swallowed")
+        t.force_flush(timeout_millis=2000)
+        assert predict(21) == 42
+        kserve_otel.shutdown()
+        print("served")
+        """,
+        env={**QUIET, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+             "KSERVE_OTEL_METRICS_EXPORTER": "otlp", "OTEL_TRACES_EXPORTER": "otlp",
+             "OTEL_EXPORTER_OTLP_TIMEOUT": "1", "OTEL_METRIC_EXPORT_INTERVAL": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "served"
