@@ -49,6 +49,11 @@ def _b3() -> Any:
     return _b3_propagator or None
 
 
+def header_names() -> frozenset[bytes]:
+    """The header names (lower-case bytes, as in an ASGI scope) that may carry a trace context."""
+    return _fields()[1]
+
+
 def extract(carrier: Mapping[str, str]) -> Context | None:
     """The trace context in ``carrier`` (header names in lower case), or ``None`` when it holds none."""
     names, _ = _fields()

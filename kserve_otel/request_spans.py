@@ -57,23 +57,31 @@ class HTTPServerMetrics:
         self._active_series: dict[str, Any] = {}
         self._duration_series: dict[tuple[str, str, int], Any] = {}
 
-    def begin(self, method: str) -> float:
-        """Count a request of ``method`` (see :func:`method_of`) in flight; returns its start time."""
+    def active(self, method: str) -> Any:
+        """The in-flight series of ``method`` (see :func:`method_of`)."""
         active = self._active_series.get(method)
         if active is None:
             active = self._active_series[method] = self._active.series(method)
-        active.add(1)
+        return active
+
+    def duration(self, method: str, route: str, status: int) -> Any:
+        """The duration series of requests of ``method`` to ``route`` answered with ``status``."""
+        key = (method, route, status)
+        duration = self._duration_series.get(key)
+        if duration is None:
+            duration = self._duration_series[key] = self._duration.series(method, route, str(status))
+        return duration
+
+    def begin(self, method: str) -> float:
+        """Count a request of ``method`` in flight; returns its start time."""
+        self.active(method).add(1)
         return perf_counter()
 
     def end(self, method: str, started: float, route: str, status: int) -> None:
         """The request that :meth:`begin` returned ``started`` for is over."""
         elapsed = perf_counter() - started
         self._active_series[method].add(-1)
-        key = (method, route, status)
-        duration = self._duration_series.get(key)
-        if duration is None:
-            duration = self._duration_series[key] = self._duration.series(method, route, str(status))
-        duration.observe(elapsed)
+        self.duration(method, route, status).observe(elapsed)
 
 
 def method_of(scope: Scope) -> str:

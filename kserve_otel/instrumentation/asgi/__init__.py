@@ -45,6 +45,7 @@ Configuration
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Any
 
 from opentelemetry import context as context_api
@@ -54,7 +55,7 @@ from opentelemetry.util.http import ExcludeList, get_excluded_urls, parse_exclud
 
 from ... import propagation, tracing
 from ...exposition import ASGIApp, Message, MetricsMiddleware, Receive, Scope, Send
-from ...request_spans import ATTR_HTTP_ROUTE, HTTPServerMetrics, method_of, route_of
+from ...request_spans import _KNOWN_METHODS, ATTR_HTTP_ROUTE, HTTPServerMetrics, method_of, route_of
 from ...settings import Settings
 from ...telemetry import configure, get_telemetry, served_collector
 
@@ -129,14 +130,19 @@ class TelemetryMiddleware:
         return self.excluded_urls.url_disabled(get_host_port_url_tuple(scope)[2])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Every request of the app passes here: kept flat (a closure for ``send``, no helper calls on the
-        # bypass path) because each call shows in a trivial app's throughput (benchmarks/).
+        # Every request of the app passes here: kept flat (a closure for ``send``, the metrics' series and the
+        # header scan inline, no helper calls on the bypass path) because each call shows in a trivial app's
+        # throughput when the server is saturated (benchmarks/).
         if scope["type"] != "http" or (self._exclusions and self._excluded(scope)):
             await self.app(scope, receive, send)
             return
-        method = method_of(scope)
+        method = scope.get("method", "GET")
+        if method not in _KNOWN_METHODS:
+            method = "_OTHER"
         metrics = self.metrics
-        started = metrics.begin(method)
+        active = metrics.active(method)
+        active.add(1)
+        started = perf_counter()
         status = 500  # what the client gets if the app fails before answering
 
         async def send_recording_status(message: Message) -> None:
@@ -145,7 +151,13 @@ class TelemetryMiddleware:
                 status = message["status"]
             await send(message)
 
-        parent = propagation.extract_asgi(scope.get("headers", ()))
+        headers = scope.get("headers", ())
+        trace_fields = propagation.header_names()
+        parent = None
+        for key, _ in headers:
+            if key in trace_fields:
+                parent = propagation.extract_asgi(headers)
+                break
         try:
             if parent is None and not tracing.would_record(None):
                 await self.app(scope, receive, send_recording_status)
@@ -158,8 +170,10 @@ class TelemetryMiddleware:
                 finally:
                     context_api.detach(token)
         finally:
+            elapsed = perf_counter() - started
+            active.add(-1)
             route = scope.get("route")
-            metrics.end(method, started, getattr(route, "path", "") if route is not None else "", status)
+            metrics.duration(method, getattr(route, "path", "") if route is not None else "", status).observe(elapsed)
 
 
 def instrument_app(
