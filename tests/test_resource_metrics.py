@@ -171,21 +171,25 @@ def test_without_nvidia_ml_py_there_are_no_gpu_instruments(provider, no_nvml):
     assert not set(_points(provider.reader)) & GPU_INSTRUMENTS
 
 
-def test_the_real_nvidia_ml_py_without_a_gpu_fails_quietly(provider, caplog):
+def test_the_real_nvidia_ml_py_reports_gpus_where_there_are_some_and_fails_quietly_elsewhere(provider, caplog):
     import pynvml  # nvidia-ml-py, installed with the gpu extra (dev installs it)
     assert not str(getattr(pynvml, "__file__", "")).startswith(str(FAKE_NVML.parent))
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        pass
+        has_gpu = False
     else:
+        has_gpu = pynvml.nvmlDeviceGetCount() > 0
         pynvml.nvmlShutdown()
-        pytest.skip("this machine has a working NVML")
     with caplog.at_level(logging.INFO):
         undo = enable_resource_metrics(provider)
         points = _points(provider.reader)
         undo()
-    assert set(points) == PROCESS_INSTRUMENTS and not caplog.records
+    if has_gpu:  # a machine with a GPU (and its driver): real numbers, no error
+        assert GPU_INSTRUMENTS <= set(points)
+        assert all(point.value >= 0 for name in GPU_INSTRUMENTS for point in points[name])
+    else:  # no driver or no GPU, as on the test machines: process metrics only, nothing logged
+        assert set(points) == PROCESS_INSTRUMENTS and not caplog.records
 
 
 def test_an_applications_own_system_metrics_are_left_alone():
