@@ -72,17 +72,6 @@ class HTTPServerMetrics:
             duration = self._duration_series[key] = self._duration.series(method, route, str(status))
         return duration
 
-    def begin(self, method: str) -> float:
-        """Count a request of ``method`` in flight; returns its start time."""
-        self.active(method).add(1)
-        return perf_counter()
-
-    def end(self, method: str, started: float, route: str, status: int) -> None:
-        """The request that :meth:`begin` returned ``started`` for is over."""
-        elapsed = perf_counter() - started
-        self._active_series[method].add(-1)
-        self.duration(method, route, status).observe(elapsed)
-
 
 def method_of(scope: Scope) -> str:
     """The request's method, or ``_OTHER`` for a method HTTP does not define (bounded label values)."""
@@ -93,21 +82,6 @@ def method_of(scope: Scope) -> str:
 def route_of(scope: Scope) -> str:
     """The route template the framework matched (Starlette and FastAPI set ``scope["route"]``), else ``""``."""
     return getattr(scope.get("route"), "path", None) or ""
-
-
-class StatusRecorder:
-    """Wraps ``send`` to remember the response status (500 if the app fails before answering)."""
-
-    __slots__ = ("send", "status")
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.status = 500
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-        await self.send(message)
 
 
 class RequestSpanMiddleware:
@@ -126,21 +100,32 @@ class RequestSpanMiddleware:
             await self.app(scope, receive, send)
             return
         method = method_of(scope)
-        started = self.metrics.begin(method)
+        active = self.metrics.active(method)
+        active.add(1)
+        started = perf_counter()
         parent = propagation.extract_asgi(scope.get("headers", ()))
         span, token = tracing.start_server_span(method, lambda: _request_attributes(scope, method), parent)
-        recorder = StatusRecorder(send)
+        status = 500  # what the client gets if the app fails before answering
+
+        async def send_recording_status(message: Message) -> None:  # a closure: cheaper than an object here
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         error: BaseException | None = None
         try:
-            await self.app(scope, receive, recorder)
+            await self.app(scope, receive, send_recording_status)
         except BaseException as exc:
             error = exc
             raise
         finally:
+            elapsed = perf_counter() - started
+            active.add(-1)
             route = route_of(scope)
-            self.metrics.end(method, started, route, recorder.status)
+            self.metrics.duration(method, route, status).observe(elapsed)
             if span is not None:
-                self._finish(span, scope, method, route, recorder.status, error)
+                self._finish(span, scope, method, route, status, error)
             tracing.end_server_span(span, token, error)
 
     def _finish(self, span: Span, scope: Scope, method: str, route: str, status: int, error: BaseException | None) -> None:

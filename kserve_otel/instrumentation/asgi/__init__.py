@@ -159,10 +159,10 @@ class TelemetryMiddleware:
                 parent = propagation.extract_asgi(headers)
                 break
         try:
-            if parent is None and not tracing.would_record(None):
-                await self.app(scope, receive, send_recording_status)
-            elif tracing.would_record(parent):
+            if tracing.would_record(parent):
                 await self._contrib_middleware()(scope, receive, send_recording_status)
+            elif parent is None:
+                await self.app(scope, receive, send_recording_status)
             else:
                 token = context_api.attach(parent)
                 try:
