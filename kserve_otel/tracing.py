@@ -5,7 +5,9 @@ provider's sampler is known to drop a span, the step skips the SDK entirely: for
 ``always_off`` and ``parentbased_*`` (the default), the decision is read from the parent's ``sampled`` flag
 in well under a microsecond. A skipped span leaves the current context as it was, so code inside the step
 (and outgoing requests) still carries the request's trace id; nothing is lost, since a dropped span records
-nothing and is never exported. Any other sampler or provider gets the ordinary ``tracer.start_span`` path.
+nothing and is never exported. When the decision is known to be "sample" (``always_on``, or ``parentbased_*``
+with a sampled parent or an always-on root), the step's span is made by a :mod:`kserve_otel.span_factory`
+template, half the SDK's cost. Any other sampler or provider gets the ordinary ``tracer.start_span`` path.
 
 The provider is the one given to :func:`set_tracer_provider` (``configure(tracer_provider=...)``), else the
 global one, looked up on each call so that a provider installed after the step was decorated is used.
@@ -27,20 +29,26 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 
 from ._version import __version__
 from .names import ATTR_ERROR_TYPE, SCOPE_NAME
+from .span_factory import span_factory
 
-_OFF, _SDK, _PARENT_BASED = 0, 1, 2
+_OFF, _SDK, _PARENT_BASED, _ALWAYS = 0, 1, 2, 3
+#: Step span factories kept per provider (one per step of each model); beyond this, spans take the SDK path.
+_MAX_FACTORIES = 4096
+_NO_FACTORY = object()
 
 SpanHandle = tuple[Span, object]
 
 
 class _ProviderState:
-    __slots__ = ("provider", "tracer", "mode", "root_off")
+    __slots__ = ("provider", "tracer", "mode", "root_off", "factories")
 
     def __init__(self, provider: object, tracer: Any, mode: int, root_off: bool) -> None:
         self.provider = provider
         self.tracer = tracer
         self.mode = mode
         self.root_off = root_off
+        #: (span name, id of its attributes dict) -> SpanFactory, or None where the SDK path must be taken.
+        self.factories: dict[tuple[str, int], Any] = {}
 
 
 _explicit_provider: trace.TracerProvider | None = None
@@ -99,6 +107,8 @@ def _sampler_mode(sampler: Any) -> tuple[int, bool]:
         return _SDK, False
     if sampler is sampling.ALWAYS_OFF:
         return _OFF, True
+    if sampler is sampling.ALWAYS_ON:
+        return _ALWAYS, False
     if type(sampler) is sampling.ParentBased:  # noqa: E721 - subclasses may decide differently
         # ParentBased's delegates are private attributes; if they are not the SDK defaults (or cannot be read),
         # fall back to asking the SDK on every span.
@@ -112,8 +122,11 @@ def _sampler_mode(sampler: Any) -> tuple[int, bool]:
 
 def _tracer_if_recording(parent_context: context_api.Context | None = None) -> Any:
     """The tracer to start a span under ``parent_context`` (default: the current context) with, or ``None``
-    when the span would not be recorded. The parent is only looked at when the sampler needs it."""
-    provider = current_provider()
+    when the span would not be recorded. The parent is only looked at when the sampler needs it. Unless the
+    provider's mode is ``_SDK``, a tracer returned means the span will be recorded and sampled."""
+    provider = _explicit_provider
+    if provider is None:
+        provider = current_provider()
     state = _state
     if provider is not state.provider:
         state = _analyse(provider)
@@ -122,10 +135,14 @@ def _tracer_if_recording(parent_context: context_api.Context | None = None) -> A
         return None
     if mode == _PARENT_BASED:
         span = (parent_context if parent_context is not None else _current_context()).get(_SPAN_KEY)
-        if span is not None and span is not trace.INVALID_SPAN:
-            if span.get_span_context().trace_flags & _SAMPLED_FLAG:
-                return state.tracer
-            return None  # an unsampled parent: the commonest case when tracing samples a fraction
+        if span is not None:
+            # As ParentBased decides: a valid parent's sampled flag, else the root sampler. SpanContext is a
+            # tuple (trace_id, span_id, is_remote, trace_flags, trace_state, is_valid): indexing it saves two
+            # property calls on every step under an unsampled parent, the commonest case when tracing samples
+            # a fraction (tests/test_steps.py checks the layout).
+            parent = span.get_span_context()
+            if parent[5]:
+                return state.tracer if parent[3] & _SAMPLED_FLAG else None
         if state.root_off:
             return None
     return state.tracer
@@ -172,11 +189,26 @@ def would_record(parent: context_api.Context | None) -> bool:
 
 
 def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
-    """Start a span, child of the current one, and make it current; ``None`` when no span would be recorded."""
+    """Start a span, child of the current one, and make it current; ``None`` when no span would be recorded.
+
+    ``attributes`` must not change after the first call with it: spans of one (name, attributes dict) are made
+    from one template."""
     tracer = _tracer_if_recording()
     if tracer is None:
         return None
-    span = tracer.start_span(name, attributes=attributes)
+    state = _state
+    if state.mode == _SDK or state.tracer is not tracer:
+        span = tracer.start_span(name, attributes=attributes)
+    else:
+        # Sampled for certain: made from the step's template (kserve_otel.span_factory), half the SDK's cost.
+        factories = state.factories
+        key = (name, id(attributes))
+        factory = factories.get(key, _NO_FACTORY)
+        if factory is _NO_FACTORY:
+            factory = span_factory(tracer, name, attributes)
+            if len(factories) < _MAX_FACTORIES:
+                factories[key] = factory
+        span = factory.start(_current_context()) if factory is not None else tracer.start_span(name, attributes=attributes)
     return span, context_api.attach(trace.set_span_in_context(span))
 
 

@@ -445,6 +445,15 @@ def test_unsampled_parent_skips_span_but_still_records_metrics(model, spans):
     assert step_series("predict", model).count == 1
 
 
+def test_an_invalid_parent_counts_as_none_as_in_the_sdk(model, spans):
+    """ParentBased samples by the root sampler when the current span's context is invalid, whatever its flags."""
+    invalid_but_flagged = trace.NonRecordingSpan(trace.SpanContext(0, 0, False, trace.TraceFlags(1)))
+    for parent in (trace.INVALID_SPAN, invalid_but_flagged):
+        with trace.use_span(parent):
+            instrument_step("predict", model_name=model)(lambda: None)()
+    assert [span.parent for span in spans.get_finished_spans()] == [None, None]
+
+
 def test_always_off_sampler_and_no_provider_record_metrics_only(model):
     from opentelemetry.sdk.trace import TracerProvider, sampling
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -506,6 +515,8 @@ def test_the_api_still_keeps_the_global_tracer_provider_where_tracing_reads_it()
         assert context.get_current().get(_SPAN_KEY) is span
         assert tracing._current_context() is context.get_current()
         assert tracing._current_context.__self__ is context._RUNTIME_CONTEXT._current_context  # the fast path
+        sampled = trace.SpanContext(1, 2, False, trace.TraceFlags(1))  # read by index in the sampling decision
+        assert (sampled[3], sampled[5], trace.INVALID_SPAN_CONTEXT[5]) == (1, True, False)
         context.detach(token)
         print("ok")
     """)

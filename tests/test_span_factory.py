@@ -1,0 +1,183 @@
+"""Step spans made from a template (kserve_otel.span_factory) are the spans the SDK's own Tracer.start_span makes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from opentelemetry import context as context_api
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, Tracer, TracerProvider, _Span, sampling
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.trace import SpanContext, TraceFlags, TraceState
+
+from kserve_otel import instrument_step, tracing
+from kserve_otel.span_factory import SpanFactory, span_factory
+
+ATTRIBUTES = {"model_name": "iris", "kserve.step": "predict", "long": "abcdefgh"}
+
+
+class StartRecorder(SpanProcessor):
+    """What processors see when a span starts."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[Any, Any]] = []
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.started.append((span, parent_context))
+
+
+class CountingIds(IdGenerator):
+    def __init__(self) -> None:
+        self.next = 0x1000
+
+    def generate_span_id(self) -> int:
+        self.next += 1
+        return self.next
+
+    def generate_trace_id(self) -> int:
+        self.next += 1
+        return self.next << 64
+
+    def is_trace_id_random(self) -> bool:
+        return False
+
+
+def provider_with(exporter: InMemorySpanExporter, **options: Any) -> tuple[TracerProvider, StartRecorder]:
+    provider = TracerProvider(resource=Resource.create({"service.name": "factory-test"}), **options)
+    starts = StartRecorder()
+    provider.add_span_processor(starts)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, starts
+
+
+def comparable(span: ReadableSpan) -> dict[str, Any]:
+    """Everything an exporter reads from a span, except what differs between any two spans (ids, times)."""
+    context = span.context
+    return {
+        "name": span.name, "kind": span.kind, "attributes": dict(span.attributes), "parent": span.parent,
+        "trace_flags": context.trace_flags, "trace_state": context.trace_state, "remote": context.is_remote,
+        "valid": context.is_valid, "resource": span.resource, "scope": span.instrumentation_scope,
+        "status": (span.status.status_code, span.status.description), "events": [e.name for e in span.events],
+        "links": list(span.links), "dropped": (span.dropped_attributes, span.dropped_events, span.dropped_links),
+        "timed": span.start_time is not None and span.end_time is not None and span.start_time <= span.end_time,
+    }
+
+
+def both_ways(provider: TracerProvider, parent: context_api.Context, exporter: InMemorySpanExporter) -> tuple[Any, Any]:
+    """The same span, made by the SDK and by a factory, under ``parent``, with the same work done inside."""
+    tracer = provider.get_tracer("kserve-otel-test", "1")
+    factory = span_factory(tracer, "predict iris", ATTRIBUTES)
+    assert isinstance(factory, SpanFactory)
+    made = []
+    token = context_api.attach(parent)  # step spans start under the current context, passing none explicitly
+    try:
+        for start in (lambda: tracer.start_span("predict iris", attributes=ATTRIBUTES),
+                      lambda: factory.start(context_api.get_current())):
+            span = start()
+            span.set_attribute("extra", 1)
+            span.add_event("halfway", {"n": 2})
+            span.end()
+            made.append(span)
+    finally:
+        context_api.detach(token)
+    sdk_made, factory_made = exporter.get_finished_spans()[-2:]
+    assert set(made[0].__dict__) == set(made[1].__dict__)
+    assert type(made[0]) is type(made[1]) is _Span
+    return sdk_made, factory_made
+
+
+def test_root_span_matches_the_sdk():
+    exporter = InMemorySpanExporter()
+    provider, _ = provider_with(exporter)
+    sdk_made, factory_made = both_ways(provider, context_api.Context(), exporter)
+    assert comparable(factory_made) == comparable(sdk_made)
+    assert factory_made.parent is None and factory_made.context.trace_id != sdk_made.context.trace_id
+    assert factory_made.context.trace_flags == TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_child_span_matches_the_sdk_and_keeps_the_trace(remote):
+    exporter = InMemorySpanExporter()
+    provider, _ = provider_with(exporter)
+    # a parent with flags the SDK does not pass on (0x80), and a trace state it does
+    parent_context = SpanContext(0xABC, 0xDEF, is_remote=remote, trace_flags=TraceFlags(0x81),
+                                 trace_state=TraceState([("vendor", "v1")]))
+    parent = trace.set_span_in_context(trace.NonRecordingSpan(parent_context))
+    sdk_made, factory_made = both_ways(provider, parent, exporter)
+    assert comparable(factory_made) == comparable(sdk_made)
+    assert factory_made.context.trace_id == 0xABC and factory_made.parent == parent_context
+    assert factory_made.context.trace_state == TraceState([("vendor", "v1")])
+    assert factory_made.context.trace_flags == TraceFlags.SAMPLED
+
+
+def test_span_limits_and_a_custom_id_generator_apply_as_in_the_sdk():
+    exporter = InMemorySpanExporter()
+    limits = SpanLimits(max_span_attributes=2, max_span_attribute_length=3, max_events=0)
+    provider, _ = provider_with(exporter, span_limits=limits, id_generator=CountingIds())
+    sdk_made, factory_made = both_ways(provider, context_api.Context(), exporter)
+    assert comparable(factory_made) == comparable(sdk_made)
+    assert factory_made.dropped_attributes == 2 and factory_made.dropped_events == 1
+    assert factory_made.attributes["long"] == "abc"
+    assert factory_made.context.span_id == sdk_made.context.span_id + 2  # one generator, called in turn
+    assert factory_made.context.trace_flags == TraceFlags.SAMPLED  # ids not random: no RANDOM_TRACE_ID flag
+
+
+def test_processors_see_the_start_as_from_the_sdk():
+    exporter = InMemorySpanExporter()
+    provider, starts = provider_with(exporter)
+    both_ways(provider, context_api.Context(), exporter)
+    (sdk_span, sdk_parent), (factory_span, factory_parent) = starts.started
+    assert factory_parent is sdk_parent is None  # what the SDK passes on for a span started without one
+    assert factory_span.start_time is not None and factory_span.is_recording() is False  # ended since
+
+
+def test_errors_are_recorded_on_factory_spans():
+    exporter = InMemorySpanExporter()
+    provider, _ = provider_with(exporter)
+    tracing.set_tracer_provider(provider)
+    try:
+        step = instrument_step("predict", model_name="factory-error")(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            step()
+    finally:
+        tracing.set_tracer_provider(None)
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code is trace.StatusCode.ERROR
+    assert [event.name for event in span.events] == ["exception"]
+    assert span.attributes["error.type"] == "ZeroDivisionError"
+
+
+@pytest.mark.parametrize("sampler", [sampling.DEFAULT_ON, sampling.ALWAYS_ON])
+def test_steps_use_a_factory_when_sampling_is_certain(sampler):
+    exporter = InMemorySpanExporter()
+    provider, _ = provider_with(exporter, sampler=sampler)
+    tracing.set_tracer_provider(provider)
+    try:
+        step = instrument_step("predict", model_name="factory-steps")(lambda: trace.get_current_span())
+        outer = provider.get_tracer("test").start_span("request")
+        with trace.use_span(outer, end_on_exit=True):
+            inner = step()
+        factories = tracing._state.factories
+    finally:
+        tracing.set_tracer_provider(None)
+    assert [type(factory) for factory in factories.values()] == [SpanFactory]
+    step_span, request_span = exporter.get_finished_spans()
+    assert inner.get_span_context() == step_span.context  # the step's span was current inside the step
+    assert step_span.parent == request_span.context and step_span.name == "predict factory-steps"
+
+
+def test_tracers_the_factory_does_not_know_take_the_sdk_path():
+    class OwnTracer(Tracer):
+        pass
+
+    provider = TracerProvider()
+    tracer = provider.get_tracer("test")
+    own = OwnTracer(tracer.sampler, tracer.resource, tracer.span_processor, tracer.id_generator,
+                    tracer.instrumentation_info, tracer._span_limits, tracer._instrumentation_scope)
+    assert span_factory(own, "predict iris", ATTRIBUTES) is None
+    assert span_factory(trace.NoOpTracer(), "predict iris", ATTRIBUTES) is None
+    assert isinstance(span_factory(tracer, "predict iris", ATTRIBUTES), SpanFactory)
