@@ -25,6 +25,7 @@ from . import propagation, tracing
 from .exposition import ASGIApp, Message, Receive, Scope, Send
 from .names import KSERVE_BUCKETS, UNIT_SECONDS
 from .series import REGISTRY as SERIES
+from .series import UpDownCounterSeries
 
 #: OpenTelemetry's HTTP server metrics (Prometheus: ``http_server_active_requests``,
 #: ``http_server_request_duration_seconds``) and their attributes (labels ``http_request_method``...).
@@ -53,23 +54,25 @@ class HTTPServerMetrics:
             (ATTR_HTTP_METHOD, ATTR_HTTP_ROUTE, ATTR_HTTP_STATUS), bounds=HTTP_DURATION_BUCKETS,
         )
 
-        # The series of each label set, kept at hand: two family lookups a request are measurable here.
-        self._active_series: dict[str, Any] = {}
-        self._duration_series: dict[tuple[str, str, int], Any] = {}
+        #: The series of each label set, kept at hand (two family lookups a request are measurable here); a
+        #: middleware may read these first and call :meth:`active` / :meth:`duration` on a miss.
+        self.active_series: dict[str, UpDownCounterSeries] = {}
+        self.duration_series: dict[tuple[str, str, int], Any] = {}
 
-    def active(self, method: str) -> Any:
-        """The in-flight series of ``method`` (see :func:`method_of`)."""
-        active = self._active_series.get(method)
+    def active(self, method: str) -> UpDownCounterSeries:
+        """The in-flight series of ``method`` (see :func:`method_of`): ``increment()`` when a request
+        starts, ``decrement()`` when it ends."""
+        active = self.active_series.get(method)
         if active is None:
-            active = self._active_series[method] = self._active.series(method)
+            active = self.active_series[method] = self._active.series(method)
         return active
 
     def duration(self, method: str, route: str, status: int) -> Any:
         """The duration series of requests of ``method`` to ``route`` answered with ``status``."""
         key = (method, route, status)
-        duration = self._duration_series.get(key)
+        duration = self.duration_series.get(key)
         if duration is None:
-            duration = self._duration_series[key] = self._duration.series(method, route, str(status))
+            duration = self.duration_series[key] = self._duration.series(method, route, str(status))
         return duration
 
 
@@ -101,7 +104,7 @@ class RequestSpanMiddleware:
             return
         method = method_of(scope)
         active = self.metrics.active(method)
-        active.add(1)
+        active.increment()
         started = perf_counter()
         parent = propagation.extract_asgi(scope.get("headers", ()))
         span, token = tracing.start_server_span(method, lambda: _request_attributes(scope, method), parent)
@@ -121,7 +124,7 @@ class RequestSpanMiddleware:
             raise
         finally:
             elapsed = perf_counter() - started
-            active.add(-1)
+            active.decrement()
             route = route_of(scope)
             self.metrics.duration(method, route, status).observe(elapsed)
             if span is not None:

@@ -14,6 +14,7 @@ they take is fixed by the number of (model, step) pairs, never by the number of 
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from bisect import bisect_left
@@ -50,17 +51,24 @@ class HistogramSeries:
     def observe(self, value: float) -> None:
         """Count ``value`` (seconds) in its bucket: bucket i holds bounds[i-1] < value <= bounds[i]."""
         index = bisect_left(self.bounds, value)
-        with self._lock:
+        # acquire/try/finally rather than ``with``: the same guarantee without the context-manager protocol's
+        # two method lookups, 70 ns of the 240 ns an observation took (this is every request's and step's path).
+        lock = self._lock
+        lock.acquire()
+        try:
             self._counts[index] += 1
             self._sum += value
-            if value < self._min:
-                self._min = value
-            if value > self._max:
-                self._max = value
+            # The cumulative extremes are never inside the interval's: only a new interval extreme can be one.
             if value < self._interval_min:
                 self._interval_min = value
+                if value < self._min:
+                    self._min = value
             if value > self._interval_max:
                 self._interval_max = value
+                if value > self._max:
+                    self._max = value
+        finally:
+            lock.release()
         mirror = self.mirror
         if mirror is not None:
             mirror(value)
@@ -107,6 +115,44 @@ class CounterSeries:
     def value(self) -> int:
         with self._lock:
             return self._value
+
+
+class UpDownCounterSeries(CounterSeries):
+    """An up-down counter of one label set with lock-free steps of one (requests in flight).
+
+    ``increment`` and ``decrement`` are ``itertools.count.__next__`` of two counters: one C call each, atomic
+    under the GIL, no Python frame and no lock. An HTTP middleware pays them on every request, where the
+    locked ``add`` measured about 2 % of a trivial Starlette app's throughput (benchmarks/). ``value`` adds
+    both to what ``add`` counted. Mirrors (see :func:`set_mirror_factory`) only see ``add``.
+    """
+
+    __slots__ = ("_ups", "_downs", "increment", "decrement")
+
+    def __init__(self, attributes: dict[str, object]) -> None:
+        super().__init__(attributes)
+        self._ups = itertools.count()
+        self._downs = itertools.count()
+        self.increment: Callable[[], int] = self._ups.__next__
+        self.decrement: Callable[[], int] = self._downs.__next__
+
+    @property
+    def value(self) -> int:
+        # Exact at one moment: the increments read between two equal reads of the decrements (a thread may run
+        # between any two reads). Should decrements keep moving, the last reading counts every request that
+        # left, so it can only over-count requests that entered meanwhile, never go negative.
+        for _ in range(1000):
+            downs = _count_of(self._downs)
+            ups = _count_of(self._ups)
+            if _count_of(self._downs) == downs:
+                break
+        with self._lock:
+            added = self._value
+        return added + ups - downs
+
+
+def _count_of(counter: itertools.count) -> int:  # type: ignore[type-arg]
+    """The next value of ``counter`` without taking it (``repr`` is ``count(N)``: the one read-only view)."""
+    return int(repr(counter)[6:-1])
 
 
 class _Family:
@@ -187,6 +233,13 @@ class UpDownCounterFamily(CounterFamily):
     """A counter that may go down (requests in flight): exported as a non-monotonic sum, always cumulative."""
 
     kind = "updowncounter"
+
+    def _new(self, attributes: dict[str, object]) -> UpDownCounterSeries:
+        return UpDownCounterSeries(attributes)
+
+    def series(self, *label_values: str) -> UpDownCounterSeries:
+        """The series of these label values (in ``label_names`` order), created on first use."""
+        return self._get(label_values)  # type: ignore[no-any-return]
 
 
 #: Makes the mirror of a new series (another metrics system that sees every observation too), if any.

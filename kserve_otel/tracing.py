@@ -40,7 +40,7 @@ SpanHandle = tuple[Span, object]
 
 
 class _ProviderState:
-    __slots__ = ("provider", "tracer", "mode", "root_off", "factories")
+    __slots__ = ("provider", "tracer", "mode", "root_off", "factories", "unsampled_parent")
 
     def __init__(self, provider: object, tracer: Any, mode: int, root_off: bool) -> None:
         self.provider = provider
@@ -49,6 +49,9 @@ class _ProviderState:
         self.root_off = root_off
         #: (span name, id of its attributes dict) -> SpanFactory, or None where the SDK path must be taken.
         self.factories: dict[tuple[str, int], Any] = {}
+        #: The last parent span found unsampled: a request's later steps have the same parent, and a span's
+        #: context never changes, so they are decided by one identity check.
+        self.unsampled_parent: object = None
 
 
 _explicit_provider: trace.TracerProvider | None = None
@@ -120,13 +123,18 @@ def _sampler_mode(sampler: Any) -> tuple[int, bool]:
     return _SDK, False
 
 
-def _tracer_if_recording(parent_context: context_api.Context | None = None) -> Any:
+def tracer_if_recording(parent_context: context_api.Context | None = None) -> Any:
     """The tracer to start a span under ``parent_context`` (default: the current context) with, or ``None``
     when the span would not be recorded. The parent is only looked at when the sampler needs it. Unless the
     provider's mode is ``_SDK``, a tracer returned means the span will be recorded and sampled."""
     provider = _explicit_provider
     if provider is None:
-        provider = current_provider()
+        # current_provider(), inlined: this runs on every request and step.
+        provider = getattr(trace, "_TRACER_PROVIDER", _NOT_KNOWN)
+        if provider is None and not _PROVIDER_FROM_ENVIRONMENT:
+            provider = _PROXY_PROVIDER
+        elif provider is None or provider is _NOT_KNOWN:
+            provider = trace.get_tracer_provider()
     state = _state
     if provider is not state.provider:
         state = _analyse(provider)
@@ -136,13 +144,18 @@ def _tracer_if_recording(parent_context: context_api.Context | None = None) -> A
     if mode == _PARENT_BASED:
         span = (parent_context if parent_context is not None else _current_context()).get(_SPAN_KEY)
         if span is not None:
+            if span is state.unsampled_parent:
+                return None
             # As ParentBased decides: a valid parent's sampled flag, else the root sampler. SpanContext is a
             # tuple (trace_id, span_id, is_remote, trace_flags, trace_state, is_valid): indexing it saves two
             # property calls on every step under an unsampled parent, the commonest case when tracing samples
             # a fraction (tests/test_steps.py checks the layout).
             parent = span.get_span_context()
             if parent[5]:
-                return state.tracer if parent[3] & _SAMPLED_FLAG else None
+                if parent[3] & _SAMPLED_FLAG:
+                    return state.tracer
+                state.unsampled_parent = span
+                return None
         if state.root_off:
             return None
     return state.tracer
@@ -182,18 +195,12 @@ def _context_reader() -> Callable[[], context_api.Context]:
 _current_context = _context_reader()
 
 
-def would_record(parent: context_api.Context | None) -> bool:
-    """Whether a span started under ``parent`` (``None``: no parent) could be recorded; ``False`` only when
-    it certainly would not (no provider, ``always_off``, or a parent-based sampler and an unsampled parent)."""
-    return _tracer_if_recording(parent) is not None
-
-
 def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
     """Start a span, child of the current one, and make it current; ``None`` when no span would be recorded.
 
     ``attributes`` must not change after the first call with it: spans of one (name, attributes dict) are made
     from one template."""
-    tracer = _tracer_if_recording()
+    tracer = tracer_if_recording()
     if tracer is None:
         return None
     state = _state
@@ -220,7 +227,7 @@ def start_server_span(
     recorded, and then ``parent`` alone is made current, so the request's trace id still reaches step spans,
     outgoing calls and log lines. Pass the token to :func:`end_server_span`.
     """
-    tracer = _tracer_if_recording(parent)
+    tracer = tracer_if_recording(parent)
     if tracer is None:
         return None, (context_api.attach(parent) if parent is not None else None)
     span = tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes())

@@ -79,3 +79,36 @@ async def test_1000_concurrent_asyncio_tasks_are_counted_exactly(telemetry, mode
     text = scrape(telemetry.metrics_url)
     assert _count(text, "request_predict_seconds", model) == 1000
     assert _count(text, "request_postprocess_seconds", model) == 1000
+
+
+def test_in_flight_steps_from_16_threads_balance_and_never_read_negative():
+    """The in-flight gauge's lock-free increment/decrement, read concurrently, as a scrape would."""
+    from kserve_otel.series import SeriesRegistry
+
+    series = SeriesRegistry().up_down_counter("in.flight", "", "{request}", ("method",)).series("GET")
+    start = threading.Barrier(17)
+    done = threading.Event()
+    readings: list[int] = []
+
+    def worker():
+        start.wait()
+        for _ in range(20_000):
+            series.increment()
+            series.decrement()
+
+    def reader():
+        start.wait()
+        while not done.is_set():
+            readings.append(series.value)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    watcher = threading.Thread(target=reader)
+    for t in [*threads, watcher]:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+    series.add(3)
+    assert series.value == 3  # 320,000 steps each way, plus add()
+    assert readings and min(readings) >= 0 and max(readings) <= 16

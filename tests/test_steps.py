@@ -445,6 +445,20 @@ def test_unsampled_parent_skips_span_but_still_records_metrics(model, spans):
     assert step_series("predict", model).count == 1
 
 
+def test_each_parent_is_decided_by_its_own_flag_in_any_order(model, spans):
+    """The decision remembers the last unsampled parent: other parents, sampled or not, are still read."""
+    def parent(span_id: int, flags: int) -> trace.Span:
+        return trace.NonRecordingSpan(trace.SpanContext(0xA1, span_id, True, trace.TraceFlags(flags)))
+
+    step = instrument_step("predict", model_name=model)(lambda: None)
+    unsampled, sampled, other_unsampled = parent(1, 0), parent(2, 1), parent(3, 0)
+    for current in (unsampled, unsampled, sampled, unsampled, other_unsampled, sampled):
+        with trace.use_span(current):
+            step()
+    assert [span.parent.span_id for span in spans.get_finished_spans()] == [2, 2]
+    assert step_series("predict", model).count == 6
+
+
 def test_an_invalid_parent_counts_as_none_as_in_the_sdk(model, spans):
     """ParentBased samples by the root sampler when the current span's context is invalid, whatever its flags."""
     invalid_but_flagged = trace.NonRecordingSpan(trace.SpanContext(0, 0, False, trace.TraceFlags(1)))
