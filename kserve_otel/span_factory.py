@@ -142,6 +142,8 @@ def span_factory(tracer: Any, name: str, attributes: dict[str, Any]) -> SpanFact
     the SDK's own (or the SDK's span layout is not the one this module knows): then use ``tracer.start_span``."""
     if Tracer is None or type(tracer) is not Tracer:  # noqa: E721 - a subclass may start spans its own way
         return None
+    if not callable(getattr(tracer, "_is_enabled", None)) or not hasattr(tracer, "_tracer_metrics"):
+        return None  # an SDK without the tracer configuration and span metrics this module reproduces
     try:
         reference = _Span(
             name=name, context=SpanContext(1, 1, False, _SAMPLED), parent=None, sampler=tracer.sampler,

@@ -181,3 +181,36 @@ def test_tracers_the_factory_does_not_know_take_the_sdk_path():
     assert span_factory(own, "predict iris", ATTRIBUTES) is None
     assert span_factory(trace.NoOpTracer(), "predict iris", ATTRIBUTES) is None
     assert isinstance(span_factory(tracer, "predict iris", ATTRIBUTES), SpanFactory)
+
+
+def test_a_disabled_tracer_makes_no_span_through_the_factory_either():
+    """The SDK's tracer configuration (here: every tracer disabled) is asked on every span, as by start_span."""
+    from opentelemetry.sdk.trace import _disable_tracer_configurator
+
+    exporter = InMemorySpanExporter()
+    provider, starts = provider_with(exporter, _tracer_configurator=_disable_tracer_configurator)
+    factory = span_factory(provider.get_tracer("kserve-otel-test"), "predict iris", ATTRIBUTES)
+    assert isinstance(factory, SpanFactory)
+    span = factory.start(context_api.Context())
+    span.end()
+    assert not span.is_recording() and starts.started == [] and exporter.get_finished_spans() == ()
+
+
+def test_the_sdks_own_span_metrics_count_factory_spans_alike(monkeypatch):
+    """``otel.sdk.span.started`` / ``otel.sdk.span.live``: the SDK's self-observability sees both paths alike."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    exporter = InMemorySpanExporter()
+    provider, _ = provider_with(exporter, meter_provider=MeterProvider(metric_readers=[reader]))
+    both_ways(provider, context_api.Context(), exporter)
+    points = {
+        metric.name: [(dict(point.attributes), point.value) for point in metric.data.data_points]
+        for resource_metrics in reader.get_metrics_data().resource_metrics
+        for scope_metrics in resource_metrics.scope_metrics for metric in scope_metrics.metrics
+    }
+    assert [value for _, value in points["otel.sdk.span.started"]] == [2]  # one series: same attributes
+    assert all(value == 0 for _, value in points["otel.sdk.span.live"])  # both ended
