@@ -11,6 +11,10 @@ the environment, not from arguments, because ``import kserve`` parses ``sys.argv
 Kinds (``KINDS``): ``starlette`` (a trivial Starlette JSON endpoint under uvicorn: the floor of any Python
 server) and ``kserve`` (KServe's ``ModelServer`` serving the iris example model), each plain or
 ``-instrumented`` as a user would instrument it (:func:`instrument_starlette`, :func:`instrument_kserve`).
+Two reference wrappers of the Starlette app show what any ASGI middleware pays before it does anything of its
+own: ``starlette-passthrough`` (:func:`passthrough_layer`, an empty layer) and ``starlette-status-layer``
+(:func:`status_layer`: the layer, a ``send`` wrapper that reads the response status, and a clock read on
+each side, the least a middleware that records HTTP durations by status must do).
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ MODEL_NAME = "iris"
 PREDICT_PATH = f"/v1/models/{MODEL_NAME}:predict"
 #: Where each kind answers 200 once it is ready to serve.
 READY_PATHS = {"starlette": "/ready", "kserve": f"/v1/models/{MODEL_NAME}"}
-KINDS = ("starlette", "starlette-instrumented", "kserve", "kserve-instrumented")
+KINDS = (
+    "starlette", "starlette-instrumented", "starlette-passthrough", "starlette-status-layer",
+    "kserve", "kserve-instrumented",
+)
 #: The request body: two iris rows, as in KServe's sklearn example.
 REQUEST_BODY = b'{"instances": [[6.8, 2.8, 4.8, 1.4], [6.0, 3.4, 4.5, 1.6]]}'
 
@@ -69,10 +76,42 @@ def instrument_kserve(http_port: int) -> None:
     KServeInstrumentor().instrument(metrics_port=http_port, annotations_file="/nonexistent")
 
 
+def passthrough_layer(app: Any) -> Any:
+    """An ASGI middleware that does nothing: the cost of one more layer."""
+
+    async def layer(scope: Any, receive: Any, send: Any) -> None:
+        await app(scope, receive, send)
+
+    return layer
+
+
+def status_layer(app: Any) -> Any:
+    """The least a middleware recording request durations by status does: time the request and read the
+    status from the ``send`` messages (the values are computed and dropped)."""
+    from time import perf_counter
+
+    async def layer(scope: Any, receive: Any, send: Any) -> None:
+        started = perf_counter()
+        status = 500
+
+        def send_reading_status(message: Any) -> Any:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            return send(message)
+
+        try:
+            await app(scope, receive, send_reading_status)
+        finally:
+            _ = (perf_counter() - started, status)
+
+    return layer
+
+
 # --------------------------------------------------------------------------------------------- servers
 
 
-def serve_starlette(port: int, instrumented: bool) -> None:
+def serve_starlette(port: int, kind: str) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -88,8 +127,12 @@ def serve_starlette(port: int, instrumented: bool) -> None:
     app: Any = Starlette(routes=[
         Route(PREDICT_PATH, predict, methods=["POST"]), Route(READY_PATHS["starlette"], ready),
     ])
-    if instrumented:
+    if kind == "starlette-instrumented":
         app = instrument_starlette(app, port)
+    elif kind == "starlette-passthrough":
+        app = passthrough_layer(app)
+    elif kind == "starlette-status-layer":
+        app = status_layer(app)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off")
 
 
@@ -113,7 +156,7 @@ def main(argv: list[str]) -> None:
     http_port = int(os.environ["BENCH_HTTP_PORT"])
     instrumented = kind.endswith("-instrumented")
     if kind.startswith("starlette"):
-        serve_starlette(http_port, instrumented)
+        serve_starlette(http_port, kind)
     else:
         sys.argv = sys.argv[:1]  # import kserve parses sys.argv
         serve_kserve(http_port, int(os.environ["BENCH_GRPC_PORT"]), instrumented)
