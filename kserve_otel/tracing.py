@@ -127,14 +127,7 @@ def tracer_if_recording(parent_context: context_api.Context | None = None) -> An
     """The tracer to start a span under ``parent_context`` (default: the current context) with, or ``None``
     when the span would not be recorded. The parent is only looked at when the sampler needs it. Unless the
     provider's mode is ``_SDK``, a tracer returned means the span will be recorded and sampled."""
-    provider = _explicit_provider
-    if provider is None:
-        # current_provider(), inlined: this runs on every request and step.
-        provider = getattr(trace, "_TRACER_PROVIDER", _NOT_KNOWN)
-        if provider is None and not _PROVIDER_FROM_ENVIRONMENT:
-            provider = _PROXY_PROVIDER
-        elif provider is None or provider is _NOT_KNOWN:
-            provider = trace.get_tracer_provider()
+    provider = current_provider()
     state = _state
     if provider is not state.provider:
         state = _analyse(provider)
