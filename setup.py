@@ -1,13 +1,18 @@
 """Puts kserve-otel's start-up hook, ``kserve_otel_autostart.pth``, into site-packages, for wheels and for
-editable installs alike (everything else about the package is in pyproject.toml).
+editable installs alike, and builds the optional C extension ``kserve_otel._speedups`` (everything else about
+the package is in pyproject.toml).
+
+The extension is optional: where it cannot be compiled (no C compiler, a free-threaded Python), the install
+goes on and ``kserve_otel.speedups`` uses its pure-Python twin. ``KSERVE_OTEL_NO_EXTENSION=1`` skips it.
 
 The hook is one line that Python's ``site`` module runs at every interpreter start; it costs a dictionary
 lookup and one ``stat`` unless auto-instrumentation may be on (see ``kserve_otel/_autostart.py``).
 """
 
+import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
@@ -38,4 +43,11 @@ class EditableWheelWithPth(editable_wheel):
         return files, mapping
 
 
-setup(cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth})
+EXTENSIONS = [] if os.environ.get("KSERVE_OTEL_NO_EXTENSION") else [
+    Extension("kserve_otel._speedups", ["kserve_otel/_speedups.c"], optional=True, extra_compile_args=["-O2"]),
+]
+
+setup(
+    cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
+    ext_modules=EXTENSIONS,
+)

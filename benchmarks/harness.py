@@ -257,5 +257,15 @@ def machine_facts() -> dict[str, Any]:
         "load": load_average(),
         "python": f"{platform.python_implementation()} {sys.version.split()[0]}",
         "packages": versions,
+        "speedups": _speedups_implementation(),
         "commit": commit,
     }
+
+
+def _speedups_implementation() -> str:
+    """Which kserve_otel.speedups the measures' processes use: the C extension or the pure-Python twin."""
+    try:
+        from kserve_otel import speedups
+    except ImportError:
+        return "not importable"
+    return "C extension" if speedups.IMPLEMENTATION == "c" else "pure Python"

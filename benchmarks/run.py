@@ -30,6 +30,7 @@ MEASURES = (
     ("scrape", "benchmarks.scrape", 300),
     ("memory", "benchmarks.memory", 400),
     ("throughput", "benchmarks.throughput", 400),
+    ("instructions", "benchmarks.instructions", 900),
 )
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,7 +88,7 @@ def render_markdown(sections: list[Section], facts: dict, command: str, started:
         ["cores", str(facts["cores"])], ["CPU", facts["cpu"]], ["memory", facts["memory"]],
         ["kernel", facts["kernel"]],
         ["load average (1, 5, 15 min)", f"{facts['load']} at start, {facts['load_at_end']} at end"],
-        ["Python", facts["python"]], ["packages", packages],
+        ["Python", facts["python"]], ["packages", packages], ["kserve_otel.speedups", facts["speedups"]],
         ["commit", f"`{facts['commit']}`"],
     ])
     lines += ["## Targets", ""]

@@ -111,8 +111,9 @@ def status_layer(app: Any) -> Any:
 # --------------------------------------------------------------------------------------------- servers
 
 
-def serve_starlette(port: int, kind: str) -> None:
-    import uvicorn
+def starlette_app(kind: str, port: int) -> Any:
+    """The trivial Starlette app of ``kind`` (bare, instrumented or wrapped in a reference layer), as uvicorn
+    serves it on ``port`` (benchmarks.instructions drives the same app in process)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse
@@ -133,7 +134,14 @@ def serve_starlette(port: int, kind: str) -> None:
         app = passthrough_layer(app)
     elif kind == "starlette-status-layer":
         app = status_layer(app)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off")
+    return app
+
+
+def serve_starlette(port: int, kind: str) -> None:
+    import uvicorn
+
+    uvicorn.run(starlette_app(kind, port), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                lifespan="off")
 
 
 def serve_kserve(http_port: int, grpc_port: int, instrumented: bool) -> None:

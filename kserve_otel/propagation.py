@@ -21,6 +21,9 @@ _B3_FIELDS = frozenset({"x-b3-traceid", "b3"})  # either means "this request car
 _B3_ALL_FIELDS = _B3_FIELDS | {"x-b3-spanid", "x-b3-sampled", "x-b3-flags", "x-b3-parentspanid"}
 _B3_CONTEXT_KEY = context_api.create_key("kserve_otel.b3")
 
+#: Where ``opentelemetry.propagate`` keeps the global propagator (``set_global_textmap`` rebinds it).
+_GLOBAL_TEXTMAP_NAME = "_HTTP_TEXT_FORMAT"
+
 _fields_cache: tuple[object, frozenset[str], frozenset[bytes]] = (None, frozenset(), frozenset())
 _b3_propagator: Any = None
 
@@ -55,6 +58,16 @@ def header_names() -> frozenset[bytes]:
     if cached[0] is propagate.get_global_textmap():
         return cached[2]
     return _fields()[1]
+
+
+def header_names_watch() -> dict[str, Any]:
+    """What lets a caller keep :func:`header_names`' answer until the global propagator changes: the API
+    module's namespace and the name it keeps the propagator under, as ``watch_dict``/``watch_key`` of
+    :class:`kserve_otel.speedups.HTTPRecorder`; empty when that name is not found (then it asks every time)."""
+    namespace = vars(propagate)
+    if namespace.get(_GLOBAL_TEXTMAP_NAME) is propagate.get_global_textmap():
+        return {"watch_dict": namespace, "watch_key": _GLOBAL_TEXTMAP_NAME}
+    return {}
 
 
 def extract(carrier: Mapping[str, str]) -> Context | None:

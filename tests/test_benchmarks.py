@@ -36,6 +36,18 @@ def test_throughput_benchmark_gets_an_answer_to_every_request() -> None:
     _check("verify_throughput_benchmark(requests=200)")
 
 
+def test_instruction_count_driver_answers_every_request() -> None:
+    # what benchmarks.instructions counts under callgrind: every request of every kind answered with a 200
+    result = run_python(
+        """
+        from benchmarks.instructions import KINDS, WARMUP, drive
+        for _, kind, _ in KINDS:
+            assert drive(kind, 20) == WARMUP + 20, kind
+        """
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_wrk_output_is_parsed() -> None:
     result = run_python(
         """

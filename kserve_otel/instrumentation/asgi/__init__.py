@@ -34,8 +34,9 @@ every request (one series increment each, instead of the SDK's record path, whic
 middleware gets a no-op meter provider. FastAPI's own telemetry (FastAPI 0.16x turns it on as soon as a
 global provider exists) is switched off on the wrapped app, since it would duplicate both the span and
 ``http_server_request_duration_seconds``. The endpoint, when it is on the app's port, is answered by the same
-middleware (one ASGI layer, not two), requests in flight are two C-level counters, and the ``send`` wrapper is
-a plain function returning ``send``'s awaitable. ``benchmarks/`` measures the result against the bare app.
+middleware (one ASGI layer, not two). The per-request bookkeeping (requests in flight, the clock, the scan for
+trace headers, the status seen by ``send``, the duration's series) is :class:`kserve_otel.speedups.HTTPRecorder`,
+in C when the optional extension is built. ``benchmarks/`` measures the result against the bare app.
 
 Configuration
 -------------
@@ -47,8 +48,6 @@ Configuration
 
 from __future__ import annotations
 
-from time import perf_counter
-from collections.abc import Awaitable
 from typing import Any
 
 from opentelemetry import context as context_api
@@ -60,6 +59,7 @@ from ... import propagation, tracing
 from ...exposition import ASGIApp, Message, MetricsMiddleware, Receive, Scope, Send
 from ...request_spans import _KNOWN_METHODS, ATTR_HTTP_ROUTE, HTTPServerMetrics, method_of, route_of
 from ...settings import Settings
+from ...speedups import HTTPRecorder
 from ...telemetry import configure, get_telemetry, served_collector
 
 __all__ = ["TelemetryMiddleware", "instrument_app", "quiet_fastapi_telemetry"]
@@ -117,11 +117,16 @@ class TelemetryMiddleware:
         self._exclusions = bool(getattr(self.excluded_urls, "_excluded_urls", None))
         self.contrib_options = contrib_options
         self.metrics = HTTPServerMetrics()
+        self._start = HTTPRecorder(self.metrics, _KNOWN_METHODS, propagation.header_names,
+                                   **propagation.header_names_watch()).start
         self._contrib: tuple[Any, Any] = (None, None)  # (tracer provider, middleware built for it)
         # The endpoint is checked here rather than by a MetricsMiddleware around this one: one ASGI layer
         # less on every request (measured: about 3 % of a trivial app's throughput).
         self._endpoint = MetricsMiddleware(app, metrics_registry, metrics_path) if metrics_registry is not None else None
         self._metrics_path = metrics_path if metrics_registry is not None else None
+        #: The middleware as a plain ASGI function (what :func:`instrument_app` returns): the same behaviour
+        #: as calling this object, without the cost of calling an instance on every request.
+        self.asgi: ASGIApp = self._build_asgi()
 
     def _contrib_middleware(self) -> Any:
         provider = tracing.current_provider()
@@ -142,65 +147,58 @@ class TelemetryMiddleware:
         return self.excluded_urls.url_disabled(get_host_port_url_tuple(scope)[2])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Every request of the app passes here, and in a saturated server each Python-level operation costs
-        # several times what a micro-benchmark shows (the load generator shares the machine): kept flat, with
-        # a closure for ``send``, the series at hand, C-level in-flight steps, and the header scan and the
-        # sampling decision inline. benchmarks/ measures it against the bare app.
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if scope.get("path") == self._metrics_path:
-            await self._endpoint(scope, receive, send)  # type: ignore[misc]
-            return
-        if self._exclusions and self._excluded(scope):
-            await self.app(scope, receive, send)
-            return
-        method = scope["method"]
-        if method not in _KNOWN_METHODS:
-            method = "_OTHER"
-        metrics = self.metrics
-        active = metrics.active_series.get(method) or metrics.active(method)
-        active.increment()
-        started = perf_counter()
-        status = 500  # what the client gets if the app fails before answering
+        await self.asgi(scope, receive, send)
 
-        def send_recording_status(message: Message) -> Awaitable[None]:
-            # A plain function returning ``send``'s awaitable: no coroutine frame of its own per message.
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            return send(message)
+    def _build_asgi(self) -> ASGIApp:
+        # Every request of the app passes through the function returned here, and in a saturated server each
+        # Python-level operation costs several times what a micro-benchmark shows (the load generator shares
+        # the machine). So: a plain function, not this object (calling an instance costs a type-slot dispatch,
+        # about 1,700 instructions a request), with what it needs in its closure; the bookkeeping is two calls
+        # of kserve_otel.speedups (C when built): start() counts the request in, reads the clock and scans the
+        # headers for trace fields, and is the app's ``send`` (noting the status); finish() observes the
+        # duration. The no-provider check is inline. benchmarks/ measures it against the bare app.
+        app, start, endpoint, metrics_path = self.app, self._start, self._endpoint, self._metrics_path
+        exclusions, excluded, contrib = self._exclusions, self._excluded, self._contrib_middleware
 
-        headers = scope["headers"]
-        trace_fields = propagation.header_names()
-        parent = None
-        for key, _ in headers:
-            if key in trace_fields:
-                parent = propagation.extract_asgi(headers)
-                break
-        try:
-            if tracing.tracer_if_recording(parent) is not None:
-                await self._contrib_middleware()(scope, receive, send_recording_status)
-            elif parent is None:
-                await self.app(scope, receive, send_recording_status)
-            else:
-                token = context_api.attach(parent)
-                try:
-                    await self.app(scope, receive, send_recording_status)
-                finally:
-                    context_api.detach(token)
-        finally:
-            elapsed = perf_counter() - started
-            active.decrement()
-            route = scope.get("route")
-            key = (method, getattr(route, "path", "") if route is not None else "", status)
-            (metrics.duration_series.get(key) or metrics.duration(*key)).observe(elapsed)
+        async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            if scope.get("path") == metrics_path:
+                await endpoint(scope, receive, send)  # type: ignore[misc]
+                return
+            if exclusions and excluded(scope):
+                await app(scope, receive, send)
+                return
+            request = start(scope, send)
+            try:
+                parent = propagation.extract_asgi(scope["headers"]) if request.traced else None
+                # No tracer provider at all (the default: no exporter configured) means nothing is recorded:
+                # what tracing.tracer_if_recording() would find after two calls, from the same reads.
+                if (tracing._explicit_provider is None and trace._TRACER_PROVIDER is None
+                        and not tracing._PROVIDER_FROM_ENVIRONMENT) or tracing.tracer_if_recording(parent) is None:
+                    if parent is None:
+                        await app(scope, receive, request)
+                    else:
+                        token = context_api.attach(parent)
+                        try:
+                            await app(scope, receive, request)
+                        finally:
+                            context_api.detach(token)
+                else:
+                    await contrib()(scope, receive, request)
+            finally:
+                request.finish(scope)
+
+        asgi.middleware = self  # type: ignore[attr-defined]
+        return asgi
 
 
 def instrument_app(
     app: ASGIApp, *, http_port: int | None = None, settings: Settings | None = None, **options: Any
 ) -> ASGIApp:
-    """``app`` with request spans, HTTP server metrics and (on its own port) the Prometheus endpoint.
+    """``app`` with request spans, HTTP server metrics and (on its own port) the Prometheus endpoint: an ASGI
+    function whose ``middleware`` attribute is the :class:`TelemetryMiddleware` behind it.
 
     Args:
         app: any ASGI application.
@@ -214,6 +212,6 @@ def instrument_app(
     s = telemetry.settings
     if "prometheus" in s.metrics_exporters:
         if s.source_of("metrics_port") == "default" or s.metrics_port == http_port:
-            return TelemetryMiddleware(app, metrics_registry=served_collector, metrics_path=s.metrics_path, **options)
+            return TelemetryMiddleware(app, metrics_registry=served_collector, metrics_path=s.metrics_path, **options).asgi
         telemetry.start_endpoint(include_global_registry=True)
-    return TelemetryMiddleware(app, **options)
+    return TelemetryMiddleware(app, **options).asgi
