@@ -27,10 +27,10 @@ from typing import Any
 MODEL_NAME = "iris"
 PREDICT_PATH = f"/v1/models/{MODEL_NAME}:predict"
 #: Where each kind answers 200 once it is ready to serve.
-READY_PATHS = {"starlette": "/ready", "kserve": f"/v1/models/{MODEL_NAME}"}
+READY_PATHS = {"starlette": "/ready", "kserve": f"/v1/models/{MODEL_NAME}", "kserve2w": f"/v1/models/{MODEL_NAME}"}
 KINDS = (
     "starlette", "starlette-instrumented", "starlette-passthrough", "starlette-status-layer",
-    "kserve", "kserve-instrumented",
+    "kserve", "kserve-instrumented", "kserve2w", "kserve2w-instrumented",
 )
 #: The request body: two iris rows, as in KServe's sklearn example.
 REQUEST_BODY = b'{"instances": [[6.8, 2.8, 4.8, 1.4], [6.0, 3.4, 4.5, 1.6]]}'
@@ -46,7 +46,8 @@ def _predictions(payload: dict[str, Any]) -> dict[str, Any]:
 def pending(kind: str) -> str | None:
     """Why ``kind`` cannot be benchmarked (its instrumentation is missing), or None when it can."""
     module = {"starlette-instrumented": "kserve_otel.instrumentation.asgi",
-              "kserve-instrumented": "kserve_otel.instrumentation.kserve"}.get(kind)
+              "kserve-instrumented": "kserve_otel.instrumentation.kserve",
+              "kserve2w-instrumented": "kserve_otel.instrumentation.kserve"}.get(kind)
     if module is None:
         return None
     try:
@@ -144,7 +145,7 @@ def serve_starlette(port: int, kind: str) -> None:
                 lifespan="off")
 
 
-def serve_kserve(http_port: int, grpc_port: int, instrumented: bool) -> None:
+def serve_kserve(http_port: int, grpc_port: int, instrumented: bool, workers: int = 1) -> None:
     if instrumented:
         instrument_kserve(http_port)
     import kserve
@@ -154,7 +155,7 @@ def serve_kserve(http_port: int, grpc_port: int, instrumented: bool) -> None:
     model = IrisModel(MODEL_NAME)  # the README's example: scikit-learn's iris classifier, trained at start-up
     model.load()
     # KServe's defaults otherwise (latency logging on), as a user runs it.
-    kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, enable_grpc=False, workers=1).start([model])
+    kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, enable_grpc=False, workers=workers).start([model])
 
 
 def main(argv: list[str]) -> None:
@@ -167,7 +168,8 @@ def main(argv: list[str]) -> None:
         serve_starlette(http_port, kind)
     else:
         sys.argv = sys.argv[:1]  # import kserve parses sys.argv
-        serve_kserve(http_port, int(os.environ["BENCH_GRPC_PORT"]), instrumented)
+        workers = 2 if kind.startswith("kserve2w") else 1
+        serve_kserve(http_port, int(os.environ["BENCH_GRPC_PORT"]), instrumented, workers)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ competes with the server, so its numbers are a floor, comparable only with each 
 ``python`` (``benchmarks.run --loadgen``) forces one.
 
 Targets: the instrumented KServe iris server keeps at least 0.97 of KServe's own throughput, the instrumented
-trivial Starlette app at least 0.90 of the bare app's, at each concurrency. The two reference layers around the
+trivial Starlette app at least 0.90 of the bare app's, at each concurrency; so does a KServe server with two
+workers (``kserve2w``), both of them scraped once a second while under load, where every scrape of the
+instrumented one reads both workers' series files. The two reference layers around the
 same Starlette app (``starlette-passthrough``, ``starlette-status-layer``: see :mod:`benchmarks.servers`) have
 no target: they show the share that any ASGI middleware, and any that records durations by status, costs
 before doing anything of its own.
@@ -51,10 +53,12 @@ CONCURRENCIES = (1, 8)
 #: What each instrumented kind is compared with.
 BASELINES = {
     "starlette-instrumented": "starlette", "starlette-passthrough": "starlette", "starlette-status-layer": "starlette",
-    "kserve-instrumented": "kserve",
+    "kserve-instrumented": "kserve", "kserve2w-instrumented": "kserve2w",
 }
 #: The least share of the uninstrumented throughput each instrumented server must keep (issue targets).
-THROUGHPUT_TARGETS = {"kserve-instrumented": 0.97, "starlette-instrumented": 0.90}
+THROUGHPUT_TARGETS = {"kserve-instrumented": 0.97, "starlette-instrumented": 0.90, "kserve2w-instrumented": 0.97}
+#: Kinds scraped once a second while they run (a multi-process server's scrape reads every worker's series).
+SCRAPED_EVERY_SECOND = ("kserve2w", "kserve2w-instrumented")
 
 
 @dataclass
@@ -259,6 +263,31 @@ def predict_observations(base: str) -> int | None:
     return None
 
 
+@contextmanager
+def scraping(urls: list[str], interval: float = 1.0) -> Iterator[None]:
+    """Scrape each of ``urls`` every ``interval`` seconds from a thread while the block runs, as Prometheus does."""
+    import threading
+
+    stop = threading.Event()
+
+    def scrape_all() -> None:
+        while not stop.wait(interval):
+            for url in urls:
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        response.read()
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=scrape_all, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def _fmt(results: list[LoadResult]) -> tuple[float, float, float, int]:
     return (
         statistics.median(r.rps for r in results), statistics.median(r.p50_ms for r in results),
@@ -269,7 +298,10 @@ def _fmt(results: list[LoadResult]) -> tuple[float, float, float, int]:
 def _pairs() -> list[tuple[str, ...]]:
     """The kinds grouped as they are compared: each uninstrumented server with its instrumented one."""
     pairs, seen = [], set()
+    wanted = os.environ.get("BENCH_KINDS")  # e.g. "kserve2w": only these baselines and their instrumented twins
     for kind in KINDS:
+        if wanted and kind not in wanted.split(",") and BASELINES.get(kind) not in wanted.split(","):
+            continue
         if kind in seen:
             continue
         group = (kind, *[k for k, base in BASELINES.items() if base == kind])
@@ -293,6 +325,9 @@ def run(quick: bool) -> Section:
                 # Both servers of a pair run at once (the idle one costs nothing) and take turns under load,
                 # run after run: a drift of the machine's speed over the minutes then hits both alike.
                 urls = {kind: servers.enter_context(running_server(kind)) for kind in kinds}
+                scraped = [urls[kind] + "/metrics" for kind in kinds if kind in SCRAPED_EVERY_SECOND]
+                if scraped:
+                    servers.enter_context(scraping(scraped))
                 answered = dict.fromkeys(kinds, 0)
                 for concurrency in CONCURRENCIES:
                     results: dict[str, list[LoadResult]] = {kind: [] for kind in kinds}

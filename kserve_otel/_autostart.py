@@ -8,7 +8,15 @@ Python. Only then is this module imported. It resolves the ``enabled`` setting a
 > the annotation ``serving.kserve.io/enable-prometheus-scraping`` > false) and, when it is on, registers
 import hooks: the moment the program imports ``kserve`` or ``ray.serve``, that framework is instrumented (KServe's
 worker processes and Ray Serve's replicas start Python afresh, so they go through the same check). Nothing here ever stops the program: a failure is one line
-on stderr. Settings other than ``enabled`` are checked when the model server starts, as with ``configure()``.
+on stderr. Settings other than ``enabled`` are resolved when the framework is imported, forgivingly
+(:meth:`kserve_otel.settings.Settings.load_forgiving`: a bad value is one line, and only what it configures is off).
+
+Problems are reported by the process that acts on them, once per process tree (:mod:`kserve_otel.problems`):
+a bad ``KSERVE_OTEL_ENABLED`` at once (the variable says auto-instrumentation is wanted); an annotations file
+that cannot be used (a FIFO, a device, a directory, more than 1 MiB, not UTF-8) or a bad enabling annotation
+only when the program imports ``kserve`` or ``ray.serve``, so that the other Python processes of the
+environment (pip, probes, scripts) start as if there were no file. The file is read only when the variable is
+not set, and never blocks (see :mod:`kserve_otel.annotations`).
 """
 
 from __future__ import annotations
@@ -40,22 +48,34 @@ def _hook(target: str):  # type: ignore[no-untyped-def]
     return on_import
 
 
+def _report_on_import(problems: list[tuple[str, str]]):  # type: ignore[no-untyped-def]
+    def on_import(module: object) -> None:
+        from .problems import report_once
+
+        for key, message in problems:
+            report_once(key, f"{message}; auto-instrumentation by pod annotation is off")
+
+    return on_import
+
+
 def start() -> bool:
     """Register the import hooks if auto-instrumentation is on; returns whether it is."""
+    from .problems import report_once
     from .settings import SettingsError, resolve_setting
 
+    problems: list[tuple[str, str]] = []  # found in the annotations file: told only to a model server
     try:
-        enabled = resolve_setting("enabled")
+        enabled = resolve_setting("enabled", report=lambda key, message: problems.append((key, message)))
     except SettingsError as exc:
-        _report(f"auto-instrumentation is off: {exc}")
+        report_once(str(exc), f"auto-instrumentation is off: {exc}")
         return False
-    if not enabled:
+    if not enabled and not problems:
         return False
     from wrapt import register_post_import_hook
 
     for module, target in HOOKS.items():
-        register_post_import_hook(_hook(target), module)
-    return True
+        register_post_import_hook(_hook(target) if enabled else _report_on_import(problems), module)
+    return enabled
 
 
 try:

@@ -46,17 +46,64 @@ now_ns(void)
 #endif
 }
 
+/* The writable place of `size` bytes at `offset` in `buffer`, 8-byte aligned, for bind(): fills `view` (release it
+ * when done with the place) and returns the place, or NULL with an exception set. */
+static char *
+cells_place(const char *who, PyObject *buffer, Py_ssize_t offset, Py_ssize_t size, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(buffer, view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return NULL;
+    char *at = (char *)view->buf + offset;
+    if (offset < 0 || offset > view->len - size || ((uintptr_t)at % 8) != 0) {
+        PyErr_Format(PyExc_ValueError, "%s.bind: %zd bytes at offset %zd do not fit, 8-byte aligned, in a buffer of"
+                     " %zd bytes", who, size, offset, view->len);
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    return at;
+}
+
+/* Replace the callable in `slot` with `value` (None or NULL: none), for the mirror setters. */
+static int
+set_mirror(PyObject **slot, PyObject *value)
+{
+    if (value != NULL && value != Py_None && !PyCallable_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "mirror must be a callable or None");
+        return -1;
+    }
+    PyObject *old = *slot;
+    *slot = (value == NULL || value == Py_None) ? NULL : Py_NewRef(value);
+    Py_XDECREF(old);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------------ Histogram */
 
+/* A histogram's cells, the layout that bind() places in a shared buffer and kserve_otel/series_files.py reads:
+ * (nbounds + 1) bucket counts as native uint64, then sum, min and max as native doubles; 8-byte aligned. The
+ * interval extremes stay in the object: only this process's delta readers use them. */
 typedef struct {
     PyObject_HEAD
     Py_ssize_t nbounds;
     double *bounds;
-    unsigned long long *counts; /* nbounds + 1 */
-    double sum, min, max, interval_min, interval_max;
+    unsigned long long *counts; /* nbounds + 1: in `own` or in `view` */
+    double *totals;             /* sum, min, max: right after counts */
+    double interval_min, interval_max;
     PyObject *bounds_tuple;
     PyObject *mirror; /* callable or NULL */
+    void *own;        /* the cells while not bound to a buffer, else NULL */
+    Py_buffer view;   /* the buffer the cells live in once bound (view.obj is NULL before) */
 } HistogramObject;
+
+#define H_SUM(h) ((h)->totals[0])
+#define H_MIN(h) ((h)->totals[1])
+#define H_MAX(h) ((h)->totals[2])
+
+static inline Py_ssize_t
+histogram_cells_size(Py_ssize_t nbounds)
+{
+    return (nbounds + 1) * (Py_ssize_t)sizeof(unsigned long long) + 3 * (Py_ssize_t)sizeof(double);
+}
 
 static PyTypeObject HistogramType;
 
@@ -76,7 +123,7 @@ Histogram_init(HistogramObject *self, PyObject *args, PyObject *kwds)
         return -1;
     Py_ssize_t n = PyTuple_GET_SIZE(tuple);
     double *values = PyMem_Calloc(n > 0 ? n : 1, sizeof(double));
-    unsigned long long *counts = PyMem_Calloc(n + 1, sizeof(unsigned long long));
+    unsigned long long *counts = PyMem_Calloc(1, histogram_cells_size(n));
     if (values == NULL || counts == NULL) {
         PyMem_Free(values);
         PyMem_Free(counts);
@@ -123,10 +170,12 @@ Histogram_init(HistogramObject *self, PyObject *args, PyObject *kwds)
     Py_DECREF(tuple);
     self->nbounds = n;
     self->bounds = values;
+    self->own = counts;
     self->counts = counts;
-    self->sum = 0.0;
-    self->min = self->interval_min = INFINITY;
-    self->max = self->interval_max = -INFINITY;
+    self->totals = (double *)(counts + n + 1);
+    H_SUM(self) = 0.0;
+    H_MIN(self) = self->interval_min = INFINITY;
+    H_MAX(self) = self->interval_max = -INFINITY;
     self->bounds_tuple = floats;
     return 0;
 }
@@ -153,7 +202,9 @@ Histogram_dealloc(HistogramObject *self)
     Histogram_clear(self);
     Py_CLEAR(self->bounds_tuple);
     PyMem_Free(self->bounds);
-    PyMem_Free(self->counts);
+    PyMem_Free(self->own);
+    if (self->view.obj != NULL)
+        PyBuffer_Release(&self->view);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -171,17 +222,17 @@ histogram_add(HistogramObject *self, double v)
             hi = mid;
     }
     self->counts[lo] += 1;
-    self->sum += v;
+    H_SUM(self) += v;
     /* the cumulative extremes are never inside the interval's: only a new interval extreme can be one */
     if (v < self->interval_min) {
         self->interval_min = v;
-        if (v < self->min)
-            self->min = v;
+        if (v < H_MIN(self))
+            H_MIN(self) = v;
     }
     if (v > self->interval_max) {
         self->interval_max = v;
-        if (v > self->max)
-            self->max = v;
+        if (v > H_MAX(self))
+            H_MAX(self) = v;
     }
 }
 
@@ -234,7 +285,7 @@ Histogram_snapshot(HistogramObject *self, PyObject *args, PyObject *kwds)
     if (copy == NULL)
         return PyErr_NoMemory();
     memcpy(copy, self->counts, n * sizeof(unsigned long long));
-    double sum = self->sum, mn = self->min, mx = self->max, imn = self->interval_min, imx = self->interval_max;
+    double sum = H_SUM(self), mn = H_MIN(self), mx = H_MAX(self), imn = self->interval_min, imx = self->interval_max;
     if (reset) {
         self->interval_min = INFINITY;
         self->interval_max = -INFINITY;
@@ -257,6 +308,53 @@ fail:
     if (copy != stack_counts)
         PyMem_Free(copy);
     return NULL;
+}
+
+/* Move the cells into `buffer` at `offset` (writable, 8-byte aligned, room for cells_size bytes): with `carry`,
+ * what was counted so far goes along; without, the histogram starts again from nothing there (a forked child,
+ * whose parent keeps counting what it inherited). No Python code runs between the copy and the switch. */
+static PyObject *
+Histogram_bind(HistogramObject *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *buffer;
+    Py_ssize_t offset;
+    int carry = 1;
+    static char *kwlist[] = {"buffer", "offset", "carry", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "On|p:bind", kwlist, &buffer, &offset, &carry))
+        return NULL;
+    if (self->counts == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Histogram.__init__ was not called");
+        return NULL;
+    }
+    Py_buffer view;
+    Py_ssize_t size = histogram_cells_size(self->nbounds);
+    char *at = cells_place("Histogram", buffer, offset, size, &view);
+    if (at == NULL)
+        return NULL;
+    if (carry) {
+        memmove(at, self->counts, size);
+    } else {
+        memset(at, 0, size);
+        double *totals = (double *)(at + (self->nbounds + 1) * sizeof(unsigned long long));
+        totals[1] = INFINITY;
+        totals[2] = -INFINITY;
+        self->interval_min = INFINITY;
+        self->interval_max = -INFINITY;
+    }
+    self->counts = (unsigned long long *)at;
+    self->totals = (double *)(at + (self->nbounds + 1) * sizeof(unsigned long long));
+    PyMem_Free(self->own);
+    self->own = NULL;
+    if (self->view.obj != NULL)
+        PyBuffer_Release(&self->view);
+    self->view = view;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Histogram_get_cells_size(HistogramObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(histogram_cells_size(self->nbounds));
 }
 
 static PyObject *
@@ -289,14 +387,7 @@ Histogram_get_mirror(HistogramObject *self, void *closure)
 static int
 Histogram_set_mirror(HistogramObject *self, PyObject *value, void *closure)
 {
-    if (value != NULL && value != Py_None && !PyCallable_Check(value)) {
-        PyErr_SetString(PyExc_TypeError, "mirror must be a callable or None");
-        return -1;
-    }
-    PyObject *old = self->mirror;
-    self->mirror = (value == NULL || value == Py_None) ? NULL : Py_NewRef(value);
-    Py_XDECREF(old);
-    return 0;
+    return set_mirror(&self->mirror, value);
 }
 
 static PyMethodDef Histogram_methods[] = {
@@ -305,11 +396,16 @@ static PyMethodDef Histogram_methods[] = {
     {"snapshot", (PyCFunction)(void (*)(void))Histogram_snapshot, METH_VARARGS | METH_KEYWORDS,
      "snapshot(reset_interval=False)\n--\n\n(bucket counts, sum, min, max, interval min, interval max), read "
      "consistently; ``reset_interval`` starts a new interval for min and max."},
+    {"bind", (PyCFunction)(void (*)(void))Histogram_bind, METH_VARARGS | METH_KEYWORDS,
+     "bind(buffer, offset, carry=True)\n--\n\nKeep the cells (bucket counts as uint64, then sum, min, max as "
+     "doubles) in the writable ``buffer`` at ``offset`` from now on, with what was counted so far unless "
+     "``carry`` is false."},
     {NULL}
 };
 
 static PyGetSetDef Histogram_getset[] = {
     {"count", (getter)Histogram_get_count, NULL, "Observations so far.", NULL},
+    {"cells_size", (getter)Histogram_get_cells_size, NULL, "Bytes that bind() needs in its buffer.", NULL},
     {"bounds", (getter)Histogram_get_bounds, NULL, "The upper bounds of the buckets (the last bucket has none).", NULL},
     {"mirror", (getter)Histogram_get_mirror, (setter)Histogram_set_mirror,
      "Called with every observed value too, when set (see kserve_otel.series.set_mirror_factory).", NULL},
@@ -331,6 +427,188 @@ static PyTypeObject HistogramType = {
     .tp_getset = Histogram_getset,
 };
 
+/* -------------------------------------------------------------------------------------------------- Counter */
+
+/* One signed 64-bit cell: a counter (add) or the requests in flight (increment, decrement: one C call each, as
+ * the HTTP recorder makes them on every request). Like a histogram's, the cell may be bound into a shared buffer;
+ * its layout there is one native int64. */
+typedef struct {
+    PyObject_HEAD
+    long long *cell; /* &own, or in view */
+    long long own;
+    PyObject *mirror; /* callable or NULL: sees what add() adds */
+    Py_buffer view;
+} CounterObject;
+
+static int
+Counter_init(CounterObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, ":Counter", kwlist))
+        return -1;
+    if (self->cell == NULL) {
+        self->own = 0;
+        self->cell = &self->own;
+    }
+    return 0;
+}
+
+static int
+Counter_traverse(CounterObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->mirror);
+    return 0;
+}
+
+static int
+Counter_clear(CounterObject *self)
+{
+    Py_CLEAR(self->mirror);
+    return 0;
+}
+
+static void
+Counter_dealloc(CounterObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Counter_clear(self);
+    if (self->view.obj != NULL)
+        PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static inline long long *
+counter_cell(CounterObject *self)
+{
+    if (self->cell == NULL) { /* a subclass that did not call __init__: count in the object itself */
+        self->own = 0;
+        self->cell = &self->own;
+    }
+    return self->cell;
+}
+
+static PyObject *
+Counter_add(CounterObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "add() takes at most one argument");
+        return NULL;
+    }
+    PyObject *amount = nargs ? args[0] : NULL;
+    long long n = 1;
+    if (amount != NULL) {
+        n = PyLong_AsLongLong(amount);
+        if (n == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    *counter_cell(self) += n;
+    if (self->mirror != NULL) {
+        PyObject *mirror = Py_NewRef(self->mirror);
+        PyObject *value = amount != NULL ? Py_NewRef(amount) : PyLong_FromLongLong(n);
+        PyObject *r = value != NULL ? PyObject_CallOneArg(mirror, value) : NULL;
+        Py_XDECREF(value);
+        Py_DECREF(mirror);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Counter_increment(CounterObject *self, PyObject *unused)
+{
+    *counter_cell(self) += 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Counter_decrement(CounterObject *self, PyObject *unused)
+{
+    *counter_cell(self) -= 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Counter_bind(CounterObject *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *buffer;
+    Py_ssize_t offset;
+    int carry = 1;
+    static char *kwlist[] = {"buffer", "offset", "carry", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "On|p:bind", kwlist, &buffer, &offset, &carry))
+        return NULL;
+    Py_buffer view;
+    char *at = cells_place("Counter", buffer, offset, (Py_ssize_t)sizeof(long long), &view);
+    if (at == NULL)
+        return NULL;
+    long long *cell = (long long *)at;
+    *cell = carry ? *counter_cell(self) : 0;
+    self->cell = cell;
+    if (self->view.obj != NULL)
+        PyBuffer_Release(&self->view);
+    self->view = view;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Counter_get_value(CounterObject *self, void *closure)
+{
+    return PyLong_FromLongLong(*counter_cell(self));
+}
+
+static PyObject *
+Counter_get_cells_size(CounterObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(sizeof(long long));
+}
+
+static PyObject *
+Counter_get_mirror(CounterObject *self, void *closure)
+{
+    return Py_NewRef(self->mirror != NULL ? self->mirror : Py_None);
+}
+
+static int
+Counter_set_mirror(CounterObject *self, PyObject *value, void *closure)
+{
+    return set_mirror(&self->mirror, value);
+}
+
+static PyMethodDef Counter_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))Counter_add, METH_FASTCALL,
+     "add(amount=1)\n--\n\nAdd ``amount`` (an int); the mirror, if any, sees it too."},
+    {"increment", (PyCFunction)Counter_increment, METH_NOARGS, "increment()\n--\n\nOne more (no mirror)."},
+    {"decrement", (PyCFunction)Counter_decrement, METH_NOARGS, "decrement()\n--\n\nOne less (no mirror)."},
+    {"bind", (PyCFunction)(void (*)(void))Counter_bind, METH_VARARGS | METH_KEYWORDS,
+     "bind(buffer, offset, carry=True)\n--\n\nKeep the cell (one int64) in the writable ``buffer`` at ``offset`` "
+     "from now on, with its value so far unless ``carry`` is false."},
+    {NULL}
+};
+
+static PyGetSetDef Counter_getset[] = {
+    {"value", (getter)Counter_get_value, NULL, "The count.", NULL},
+    {"cells_size", (getter)Counter_get_cells_size, NULL, "Bytes that bind() needs in its buffer.", NULL},
+    {"mirror", (getter)Counter_get_mirror, (setter)Counter_set_mirror,
+     "Called with every amount add() adds, when set (see kserve_otel.series.set_mirror_factory).", NULL},
+    {NULL}
+};
+
+static PyTypeObject CounterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kserve_otel._speedups.Counter",
+    .tp_doc = PyDoc_STR("A 64-bit count of one label set: add(), increment(), decrement()."),
+    .tp_basicsize = sizeof(CounterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Counter_init,
+    .tp_dealloc = (destructor)Counter_dealloc,
+    .tp_traverse = (traverseproc)Counter_traverse,
+    .tp_clear = (inquiry)Counter_clear,
+    .tp_methods = Counter_methods,
+    .tp_getset = Counter_getset,
+};
+
 /* ------------------------------------------------------------------------------------------ HTTP requests */
 
 /* What the ASGI middleware keeps for one request: its method, when it started, its in-flight decrement, and
@@ -343,6 +621,7 @@ typedef struct {
     PyObject *method;
     PyObject *decrement;
     PyObject *status; /* int; 500 until the app starts a response */
+    PyObject *scope;  /* the request's scope, where the router leaves the route it matched */
     int64_t started_ns;
     int traced;       /* a header the trace propagators read is present */
     int finished;
@@ -365,7 +644,7 @@ static PyTypeObject RequestType;
 static PyTypeObject HTTPRecorderType;
 
 static PyObject *str_type, *str_method, *str_headers, *str_route, *str_path, *str_status, *str_other,
-    *str_response_start, *str_increment, *str_decrement, *str_active, *str_duration, *str_empty, *int_500;
+    *str_response_start, *str_response_body, *str_more_body, *str_increment, *str_decrement, *str_active, *str_duration, *str_empty, *int_500;
 
 static int
 Request_traverse(RequestObject *self, visitproc visit, void *arg)
@@ -375,6 +654,7 @@ Request_traverse(RequestObject *self, visitproc visit, void *arg)
     Py_VISIT(self->method);
     Py_VISIT(self->decrement);
     Py_VISIT(self->status);
+    Py_VISIT(self->scope);
     return 0;
 }
 
@@ -386,6 +666,7 @@ Request_clear(RequestObject *self)
     Py_CLEAR(self->method);
     Py_CLEAR(self->decrement);
     Py_CLEAR(self->status);
+    Py_CLEAR(self->scope);
     return 0;
 }
 
@@ -398,6 +679,8 @@ Request_dealloc(RequestObject *self)
 }
 
 /* The ``send`` the app gets: note the status of ``http.response.start``, then return send(message). */
+static PyObject *Request_finish(RequestObject *self, PyObject *scope);
+
 static PyObject *
 Request_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -419,6 +702,24 @@ Request_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyO
                 return NULL;
             if (status != NULL)
                 Py_SETREF(self->status, Py_NewRef(status));
+        } else if (!self->finished && type != NULL && PyUnicode_Check(type) &&
+                   (type == str_response_body || PyUnicode_Compare(type, str_response_body) == 0)) {
+            /* The response's last message: the request is counted before the client can see its end, so
+             * a process killed right after still counted every request a client saw answered. */
+            PyObject *more = PyDict_GetItemWithError(message, str_more_body);
+            if (more == NULL && PyErr_Occurred())
+                return NULL;
+            int more_body = more != NULL ? PyObject_IsTrue(more) : 0;
+            if (more_body < 0)
+                return NULL;
+            if (!more_body) {
+                PyObject *scope = Py_XNewRef(self->scope); /* finish lets go of self->scope */
+                PyObject *r = Request_finish(self, scope != NULL ? scope : Py_None);
+                Py_XDECREF(scope);
+                if (r == NULL)
+                    return NULL;
+                Py_DECREF(r);
+            }
         }
     }
     return PyObject_CallOneArg(self->send, message);
@@ -433,6 +734,7 @@ Request_finish(RequestObject *self, PyObject *scope)
     if (self->finished)
         Py_RETURN_NONE;
     self->finished = 1;
+    Py_CLEAR(self->scope); /* the caller holds the scope it passed */
     double elapsed = (double)(now_ns() - self->started_ns) / 1e9;
     HTTPRecorderObject *recorder = (HTTPRecorderObject *)self->recorder;
 
@@ -776,6 +1078,7 @@ HTTPRecorder_start(HTTPRecorderObject *self, PyObject *const *args, Py_ssize_t n
     r->method = method;
     r->decrement = decrement;
     r->status = Py_NewRef(int_500);
+    r->scope = Py_NewRef(scope);
     r->traced = traced;
     r->finished = 0;
     PyObject_GC_Track(r);
@@ -835,6 +1138,8 @@ PyInit__speedups(void)
     INTERN(str_status, "status");
     INTERN(str_other, "_OTHER");
     INTERN(str_response_start, "http.response.start");
+    INTERN(str_response_body, "http.response.body");
+    INTERN(str_more_body, "more_body");
     INTERN(str_increment, "increment");
     INTERN(str_decrement, "decrement");
     INTERN(str_active, "active");
@@ -843,12 +1148,13 @@ PyInit__speedups(void)
     if ((int_500 = PyLong_FromLong(500)) == NULL)
         return NULL;
 
-    if (PyType_Ready(&HistogramType) < 0 || PyType_Ready(&RequestType) < 0 || PyType_Ready(&HTTPRecorderType) < 0)
+    if (PyType_Ready(&HistogramType) < 0 || PyType_Ready(&CounterType) < 0 || PyType_Ready(&RequestType) < 0 || PyType_Ready(&HTTPRecorderType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&speedups_module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "Histogram", (PyObject *)&HistogramType) < 0 ||
+        PyModule_AddObjectRef(m, "Counter", (PyObject *)&CounterType) < 0 ||
         PyModule_AddObjectRef(m, "Request", (PyObject *)&RequestType) < 0 ||
         PyModule_AddObjectRef(m, "HTTPRecorder", (PyObject *)&HTTPRecorderType) < 0) {
         Py_DECREF(m);

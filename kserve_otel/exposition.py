@@ -2,10 +2,12 @@
 
 One core, thin adapters (as prometheus_client does it): :func:`render` turns a registry into a response
 (Prometheus text or OpenMetrics by the ``Accept`` header, gzip when asked, both through prometheus_client's
-own encoders); :class:`MetricsServer` serves it from a daemon thread, :class:`MetricsMiddleware` from an
-existing ASGI app on the app's own port. Both answer only the configured path (404 elsewhere, for the
-standalone server) and only GET and HEAD (405 otherwise), and never redirect ``/metrics`` to ``/metrics/``
-as a mounted sub-app would: scrapers do not follow redirects.
+own encoders); :class:`MetricsServer` serves it from one daemon thread's event loop, with bounded
+connections, threads and timeouts (it shares a process with the model server), :class:`MetricsMiddleware` from
+an existing ASGI app on the app's own port. Both answer only the configured path (404 elsewhere, for the
+standalone server) and only GET and HEAD (405 with ``Allow: GET, HEAD`` for any other method; HEAD as GET
+without the body, as HTTP requires of a general-purpose server), and never redirect ``/metrics`` to
+``/metrics/`` as a mounted sub-app would: scrapers do not follow redirects.
 
 The registry is this package's own ``CollectorRegistry``, never prometheus_client's global one, so a process
 that also holds KServe's global-registry histograms never shows a metric name twice.
@@ -14,11 +16,15 @@ that also holds KServe's global-registry histograms never shows a metric name tw
 from __future__ import annotations
 
 import asyncio
+import http.client
+import io
 import logging
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,19 +63,27 @@ def render(registry: Collector, accept: str | None, accept_encoding: str | None)
     return headers, body
 
 
-class MergedCollector:
-    """Collects several registries as one, each metric family name once (the first registry's wins).
+#: Metric names that prometheus_client's global registry counts again while this package's families of the same
+#: names no longer change (KServe's step histograms after ``uninstrument()``): there, the global family is served.
+GLOBAL_REGISTRY_WINS: set[str] = set()
 
-    The KServe integration serves this package's registry together with prometheus_client's global one
-    (process metrics, a model's own metrics), as KServe's own ``/metrics`` did.
+
+class MergedCollector:
+    """Collects several registries as one, each metric family name once: the first registry's wins, except for
+    the names in :data:`GLOBAL_REGISTRY_WINS`, which only the later registries serve.
+
+    The KServe and ASGI integrations serve this package's registry with prometheus_client's global one after it
+    (process metrics, a model's own metrics, as KServe's own ``/metrics`` does).
     """
 
     def __init__(self, *collectors: Collector) -> None:
         self.collectors = collectors
 
     def collect(self) -> Iterator[Metric]:
-        seen: set[str] = set()
-        for collector in self.collectors:
+        seen: set[str] = set(GLOBAL_REGISTRY_WINS)
+        for index, collector in enumerate(self.collectors):
+            if index == 1:
+                seen -= GLOBAL_REGISTRY_WINS
             for family in collector.collect():
                 if family.name not in seen:
                     seen.add(family.name)
@@ -77,80 +91,260 @@ class MergedCollector:
 
 
 # --------------------------------------------------------------------------------------------- standalone
+#
+# The endpoint shares a process with the model server, so a client must cost it neither a thread nor unbounded
+# memory: one asyncio loop on one thread accepts and reads every connection (selector-based, a few KB each),
+# a small fixed pool renders, and the limits below bound the rest.
+
+LISTEN_BACKLOG = 128
+"""Connections the kernel queues for the endpoint before they are accepted (the ``listen()`` backlog)."""
+
+MAX_CONNECTIONS = 256
+"""Connections the endpoint keeps open. One more closes the connection that has waited longest for a request
+(never one being answered), so a flood of idle connections cannot lock a scraper out."""
+
+IDLE_TIMEOUT = 75.0
+"""Seconds a connection may wait for a request (its first, or the next on a kept-alive connection) before
+the endpoint closes it. Above Prometheus's default scrape interval (1 minute), so its kept-alive connection
+stays."""
+
+REQUEST_TIMEOUT = 10.0
+"""Seconds a client has to send a request's line, headers and body once it has begun, and again to take the
+answer: a client that trickles its request (slow loris) or never reads is closed then."""
+
+MAX_REQUEST_HEAD = 16384
+"""Bytes of request line and headers accepted; a longer head is answered 431 and the connection closed."""
+
+RENDER_THREADS = 2
+"""Threads that render scrapes: with the loop's own thread, all the endpoint ever runs, whatever clients do."""
+
+_MAX_DISCARDED_BODY = 65536  # a request body up to this size is read and dropped; the connection stays usable
+_LINGER = 2.0  # seconds spent draining a client's unread input before closing, so the close does not reset
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    registry: Collector
-    metrics_path: str
+class _Rejected(Exception):
+    """A request the endpoint answers with ``status`` and then closes the connection."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
+class _Endpoint:
+    """The standalone endpoint's connections, on the server thread's event loop."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._serve(head=False)
+    def __init__(self, registry: Collector, path: str, executor: ThreadPoolExecutor) -> None:
+        self.registry = registry
+        self.path = path
+        self.executor = executor
+        self.connections: set[asyncio.StreamWriter] = set()
+        # connections waiting for a request, longest-waiting first (the ones to close when there are too many)
+        self.waiting: dict[asyncio.StreamWriter, None] = {}
 
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._serve(head=True)
-
-    def _not_allowed(self) -> None:
-        if urlsplit(self.path).path != self.server.metrics_path:
-            self._plain(404, b"Not Found\n")
-        else:
-            self._plain(405, b"Method Not Allowed\n", [("Allow", _ALLOW_HEADER)])
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
-
-    def _serve(self, head: bool) -> None:
-        if urlsplit(self.path).path != self.server.metrics_path:
-            self._plain(404, b"Not Found\n", head=head)
-            return
+    async def serve(self, sock: socket.socket, stopping: asyncio.Event) -> None:
+        server = await asyncio.start_server(self.connection, sock=sock, backlog=LISTEN_BACKLOG,
+                                            limit=MAX_REQUEST_HEAD)
         try:
-            headers, body = render(self.server.registry, self.headers.get("Accept"), self.headers.get("Accept-Encoding"))
-        except Exception:  # a broken collector must not kill the server thread
+            await stopping.wait()
+        finally:
+            server.close()
+            for writer in list(self.connections):
+                writer.transport.abort()  # its task sees the end of the stream and ends
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=1)
+                for task in pending:  # waiting for a render
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections.add(writer)
+        try:
+            if len(self.connections) > MAX_CONNECTIONS and not self._close_longest_waiting():
+                return  # every other connection is being answered: this one goes
+            while await self._exchange(reader, writer):
+                pass
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the client went away
+        except asyncio.CancelledError:
+            pass  # the server is stopping (asyncio would log a cancelled connection task as an error)
+        finally:
+            self.connections.discard(writer)
+            self.waiting.pop(writer, None)
+            writer.transport.close()
+
+    def _close_longest_waiting(self) -> bool:
+        for writer in self.waiting:
+            writer.transport.close()  # its reader sees the end of the stream; its task ends and forgets it
+            del self.waiting[writer]
+            return True
+        return False
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Read one request and answer it; return whether the connection stays open for another."""
+        self.waiting[writer] = None
+        try:
+            first = await asyncio.wait_for(reader.read(1), IDLE_TIMEOUT)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self.waiting.pop(writer, None)
+        if not first:
+            return False
+        self.waiting[writer] = None  # a request still arriving can be closed for a newcomer, like an idle one
+        try:
+            request = await asyncio.wait_for(self._read_request(first, reader), REQUEST_TIMEOUT)
+        except asyncio.TimeoutError:
+            await self._close_answering(reader, writer, 408)
+            return False
+        except _Rejected as rejected:
+            await self._close_answering(reader, writer, rejected.status)
+            return False
+        finally:
+            self.waiting.pop(writer, None)
+        method, target, headers, keep_alive, read_whole = request
+        status, response_headers, body = await self._answer(method, target, headers)
+        await self._send(writer, status, response_headers, b"" if method == "HEAD" else body, keep_alive)
+        if not read_whole:
+            await self._linger(reader, writer)
+        return keep_alive
+
+    async def _read_request(self, first: bytes, reader: asyncio.StreamReader
+                            ) -> tuple[str, str, http.client.HTTPMessage, bool, bool]:
+        """The request's method, target, headers, whether the connection stays open, and whether the whole
+        request (body included) was read."""
+        head = first + await self._read_line(reader)
+        skipped = 0
+        while head in (b"\r\n", b"\n"):  # empty lines before a request are ignored (RFC 9112, section 2.2)
+            skipped += len(head)
+            if skipped > MAX_REQUEST_HEAD:
+                raise _Rejected(400)
+            head = await self._read_line(reader)
+        lines = [head]
+        while lines[-1] not in (b"\r\n", b"\n"):
+            lines.append(await self._read_line(reader))
+            head += lines[-1]
+            if len(head) > MAX_REQUEST_HEAD:
+                raise _Rejected(431)
+        words = lines[0].decode("latin-1").split()
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            raise _Rejected(400)
+        method, target, version = words
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            raise _Rejected(505)
+        try:
+            headers = http.client.parse_headers(io.BytesIO(b"".join(lines[1:])))
+        except http.client.HTTPException:  # more headers than http.client accepts
+            raise _Rejected(431) from None
+        connection = ",".join(headers.get_all("Connection", []))
+        tokens = {token.strip().lower() for token in connection.split(",")}
+        keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
+        length = (headers["Content-Length"] or "0").strip()
+        if not length.isdigit():
+            raise _Rejected(400)
+        if "Transfer-Encoding" in headers or int(length) > _MAX_DISCARDED_BODY:
+            return method, target, headers, False, False  # a body not worth reading: answer, then close
+        if int(length):
+            await reader.readexactly(int(length))
+        return method, target, headers, keep_alive, True
+
+    @staticmethod
+    async def _read_line(reader: asyncio.StreamReader) -> bytes:
+        try:
+            line = await reader.readline()
+        except ValueError:  # longer than the reader's limit
+            raise _Rejected(431) from None
+        if not line.endswith(b"\n"):
+            raise asyncio.IncompleteReadError(line, None)
+        return line
+
+    async def _answer(self, method: str, target: str, headers: http.client.HTTPMessage
+                      ) -> tuple[int, list[tuple[str, str]], bytes]:
+        if urlsplit(target).path != self.path:
+            return _plain(404)
+        if method not in ALLOWED_METHODS:
+            return _plain(405, [("Allow", _ALLOW_HEADER)])
+        loop = asyncio.get_running_loop()
+        try:
+            response_headers, body = await loop.run_in_executor(
+                self.executor, render, self.registry, headers.get("Accept"), headers.get("Accept-Encoding")
+            )
+        except Exception:  # a broken collector must not kill the server
             _logger.exception("kserve-otel: rendering the metrics failed")
-            self._plain(500, b"Internal Server Error\n", head=head)
-            return
-        self.send_response(200)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
+            return _plain(500)
+        return 200, response_headers, body
 
-    def _plain(self, status: int, body: bytes, extra: list[tuple[str, str]] | None = None, head: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in extra or []:
-            self.send_header(name, value)
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, status: int, headers: list[tuple[str, str]], body: bytes,
+                    keep_alive: bool) -> None:
+        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+                 *(f"{name}: {value}" for name, value in headers),
+                 f"Date: {formatdate(usegmt=True)}", f"Connection: {'keep-alive' if keep_alive else 'close'}"]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - scrapes are not worth a log line
+    async def _close_answering(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               status: int) -> None:
+        status, headers, body = _plain(status)
+        await self._send(writer, status, headers, body, keep_alive=False)
+        await self._linger(reader, writer)
+
+    @staticmethod
+    async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Close the sending side, then drop what the client still sends until it closes too (for a moment
+        at most): closing a socket with unread input resets the connection, and the client could lose the
+        answer."""
+        if writer.can_write_eof():
+            writer.write_eof()
+        try:
+            await asyncio.wait_for(_read_to_end(reader), _LINGER)
+        except (asyncio.TimeoutError, OSError):
+            pass
+
+
+async def _read_to_end(reader: asyncio.StreamReader) -> None:
+    while await reader.read(_MAX_DISCARDED_BODY):
         pass
 
 
+def _plain(status: int, extra: list[tuple[str, str]] | None = None
+           ) -> tuple[int, list[tuple[str, str]], bytes]:
+    """A plain-text answer: the status's reason phrase as the body."""
+    body = f"{HTTPStatus(status).phrase}\n".encode()
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+               *(extra or [])]
+    return status, headers, body
+
+
 class MetricsServer:
-    """The endpoint on a port of its own, served by a daemon thread. :meth:`start` never raises for a busy port."""
+    """The endpoint on a port of its own, served by a daemon thread. :meth:`start` never raises for a busy port.
+
+    However many clients connect, it runs one thread for its event loop and at most :data:`RENDER_THREADS`
+    that render, keeps at most :data:`MAX_CONNECTIONS` connections, and closes idle or trickling ones
+    (:data:`IDLE_TIMEOUT`, :data:`REQUEST_TIMEOUT`); kept-alive scrapers keep their connection.
+    """
 
     def __init__(self, registry: Collector, host: str = "0.0.0.0", port: int = 8080, path: str = "/metrics") -> None:
         self.registry = registry
         self.host = host
         self.port = port
         self.path = path
-        self._server: _Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, source: str = "") -> bool:
         """Bind and serve; on failure log one clear error and return False, so inference goes on without it."""
         try:
             family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-            server_class = type("_BoundServer", (_Server,), {"address_family": family})
-            server = server_class((self.host, self.port), _Handler)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.host, self.port))
+                sock.listen(LISTEN_BACKLOG)
+            except OSError:
+                sock.close()
+                raise
         except OSError as exc:
             where = f" (port from {source})" if source else ""
             _logger.error(
@@ -158,17 +352,28 @@ class MetricsServer:
                 self.host, self.port, self.path, exc.strerror or exc, where,
             )
             return False
-        server.registry = self.registry
-        server.metrics_path = self.path
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="kserve-otel-metrics", daemon=True)
+        self.port = sock.getsockname()[1]
+        self._loop = asyncio.new_event_loop()
+        self._stopping = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._loop, self._stopping, sock),
+                                        name="kserve-otel-metrics", daemon=True)
         self._thread.start()
         return True
 
+    def _run(self, loop: asyncio.AbstractEventLoop, stopping: asyncio.Event, sock: socket.socket) -> None:
+        executor = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="kserve-otel-metrics-render")
+        try:
+            loop.run_until_complete(_Endpoint(self.registry, self.path, executor).serve(sock, stopping))
+        except Exception:
+            _logger.exception("kserve-otel: the metrics endpoint stopped")
+        finally:
+            sock.close()
+            executor.shutdown(wait=False, cancel_futures=True)
+            loop.close()
+
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._thread is not None
 
     @property
     def url(self) -> str:
@@ -178,14 +383,14 @@ class MetricsServer:
         return f"http://{host}:{self.port}{self.path}"
 
     def stop(self) -> None:
-        """Stop serving and free the port."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
+        """Stop serving, close every connection and free the port."""
+        if self._loop is not None and self._stopping is not None and self._thread is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+            except RuntimeError:  # the loop already ended
+                pass
             self._thread.join(timeout=5)
-            self._thread = None
+        self._loop = self._stopping = self._thread = None
 
 
 # --------------------------------------------------------------------------------------------- ASGI
@@ -219,8 +424,8 @@ class MetricsMiddleware:
             return
         method = scope.get("method", "GET")
         if method not in ALLOWED_METHODS:
-            await _respond(send, 405, [("Allow", _ALLOW_HEADER), ("Content-Type", "text/plain; charset=utf-8")],
-                           b"Method Not Allowed\n")
+            status, headers, body = _plain(405, [("Allow", _ALLOW_HEADER)])
+            await _respond(send, status, headers, body)
             return
         request_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         loop = asyncio.get_running_loop()

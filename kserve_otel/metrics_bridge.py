@@ -59,7 +59,7 @@ class _ReaderBridge:
         self.resource = resource
         self._previous: dict[int, tuple[int, Any]] = {}  # id(series) -> (time of last export, what it exported)
         self._lock = threading.Lock()
-        #: Other processes of the same server (a :class:`~kserve_otel.peers.PeerExchange`) whose series this
+        #: Other processes of the same server (a :class:`~kserve_otel.series_files.SharedSeries`) whose series this
         #: reader reports summed with this process's: set for the Prometheus endpoint of a multi-worker
         #: server. Cumulative readers only (a sum over processes has no per-process delta state).
         self.peers: Any = None
@@ -153,7 +153,7 @@ _CUMULATIVE = AggregationTemporality.CUMULATIVE
 
 
 def _metrics_from_snapshot(families: list[dict[str, Any]], now: int) -> list[Metric]:
-    """Cumulative OpenTelemetry metrics from a :mod:`kserve_otel.peers` snapshot (a sum over processes)."""
+    """Cumulative OpenTelemetry metrics from a :mod:`kserve_otel.snapshots` snapshot (a sum over processes)."""
     metrics: list[Metric] = []
     for family in families:
         if family["kind"] == "histogram":

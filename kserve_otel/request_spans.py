@@ -109,11 +109,21 @@ class RequestSpanMiddleware:
         parent = propagation.extract_asgi(scope.get("headers", ()))
         span, token = tracing.start_server_span(method, lambda: _request_attributes(scope, method), parent)
         status = 500  # what the client gets if the app fails before answering
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            recorded = True
+            active.decrement()
+            self.metrics.duration(method, route_of(scope), status).observe(perf_counter() - started)
 
         async def send_recording_status(message: Message) -> None:  # a closure: cheaper than an object here
             nonlocal status
-            if message["type"] == "http.response.start":
+            kind = message["type"]
+            if kind == "http.response.start":
                 status = message["status"]
+            elif kind == "http.response.body" and not recorded and not message.get("more_body", False):
+                record()  # counted before the client can see it answered: a kill right after loses nothing
             await send(message)
 
         error: BaseException | None = None
@@ -123,10 +133,9 @@ class RequestSpanMiddleware:
             error = exc
             raise
         finally:
-            elapsed = perf_counter() - started
-            active.decrement()
+            if not recorded:
+                record()
             route = route_of(scope)
-            self.metrics.duration(method, route, status).observe(elapsed)
             if span is not None:
                 self._finish(span, scope, method, route, status, error)
             tracing.end_server_span(span, token, error)

@@ -15,13 +15,12 @@ they take is fixed by the number of (model, step) pairs, never by the number of 
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Callable, Sequence
 from time import time_ns
 
 from .names import KSERVE_BUCKETS
-from .speedups import Histogram
+from .speedups import Counter, Histogram
 
 #: Series per family before new label sets share one overflow series (the SDK's default limit too).
 CARDINALITY_LIMIT = 2000
@@ -41,67 +40,23 @@ class HistogramSeries(Histogram):
         self.start_time_ns = time_ns()
 
 
-class CounterSeries:
-    """Cumulative counter of one label set (monotonic unless its family is an up-down counter)."""
+class CounterSeries(Counter):
+    """Cumulative counter of one label set (monotonic unless its family is an up-down counter): a
+    :class:`kserve_otel.speedups.Counter` (C when the extension is built) with the series' labels and start time."""
 
-    __slots__ = ("attributes", "start_time_ns", "_value", "_lock", "mirror")
+    __slots__ = ("attributes", "start_time_ns")
 
     def __init__(self, attributes: dict[str, object]) -> None:
+        super().__init__()
         self.attributes = attributes
         self.start_time_ns = time_ns()
-        self._value = 0
-        self._lock = threading.Lock()
-        self.mirror: Callable[[float], object] | None = None  # set by _Family._get, which knows the kind
-
-    def add(self, amount: int = 1) -> None:
-        with self._lock:
-            self._value += amount
-        mirror = self.mirror
-        if mirror is not None:
-            mirror(amount)
-
-    @property
-    def value(self) -> int:
-        with self._lock:
-            return self._value
 
 
 class UpDownCounterSeries(CounterSeries):
-    """An up-down counter of one label set with lock-free steps of one (requests in flight).
+    """An up-down counter of one label set (requests in flight): ``increment`` and ``decrement`` are one C call
+    each, atomic under the GIL, which an HTTP middleware pays on every request. Mirrors only see ``add``."""
 
-    ``increment`` and ``decrement`` are ``itertools.count.__next__`` of two counters: one C call each, atomic
-    under the GIL, no Python frame and no lock. An HTTP middleware pays them on every request, where the
-    locked ``add`` measured about 2 % of a trivial Starlette app's throughput (benchmarks/). ``value`` adds
-    both to what ``add`` counted. Mirrors (see :func:`set_mirror_factory`) only see ``add``.
-    """
-
-    __slots__ = ("_ups", "_downs", "increment", "decrement")
-
-    def __init__(self, attributes: dict[str, object]) -> None:
-        super().__init__(attributes)
-        self._ups = itertools.count()
-        self._downs = itertools.count()
-        self.increment: Callable[[], int] = self._ups.__next__
-        self.decrement: Callable[[], int] = self._downs.__next__
-
-    @property
-    def value(self) -> int:
-        # Exact at one moment: the increments read between two equal reads of the decrements (a thread may run
-        # between any two reads). Should decrements keep moving, the last reading counts every request that
-        # left, so it can only over-count requests that entered meanwhile, never go negative.
-        for _ in range(1000):
-            downs = _count_of(self._downs)
-            ups = _count_of(self._ups)
-            if _count_of(self._downs) == downs:
-                break
-        with self._lock:
-            added = self._value
-        return added + ups - downs
-
-
-def _count_of(counter: itertools.count) -> int:  # type: ignore[type-arg]
-    """The next value of ``counter`` without taking it (``repr`` is ``count(N)``: the one read-only view)."""
-    return int(repr(counter)[6:-1])
+    __slots__ = ()
 
 
 class _Family:
@@ -116,6 +71,8 @@ class _Family:
         self.label_names = tuple(label_names)
         self._series: dict[tuple[str, ...], object] = {}
         self._lock = threading.Lock()
+        #: Called with each new series while the family lock is held: the registry's store places its cells.
+        self.on_new_series: Callable[[_Family, object], None] | None = None
 
     def _get(self, label_values: tuple[str, ...]):  # type: ignore[no-untyped-def]
         series = self._series.get(label_values)
@@ -127,6 +84,7 @@ class _Family:
                         return self._get_overflow()
                     series = self._new(dict(zip(self.label_names, label_values)))
                     series.mirror = _mirror_for(self, series.attributes)
+                    self._placed(series)
                     self._series[label_values] = series
         return series
 
@@ -134,9 +92,25 @@ class _Family:
         key = ("\0overflow",)
         series = self._series.get(key)
         if series is None:
-            series = self._series[key] = self._new(dict(OVERFLOW_ATTRIBUTES))
+            series = self._new(dict(OVERFLOW_ATTRIBUTES))
             series.mirror = _mirror_for(self, series.attributes)
+            self._placed(series)
+            self._series[key] = series
         return series
+
+    def _placed(self, series: object) -> None:
+        hook = self.on_new_series
+        if hook is not None:
+            hook(self, series)
+
+    def place_all(self, place: Callable[[_Family, object], None]) -> None:
+        """Call ``place(family, series)`` for every series now, and for each new one from now on (``None``:
+        no more calls)."""
+        with self._lock:
+            self.on_new_series = place
+            if place is not None:
+                for series in self._series.values():
+                    place(self, series)
 
     def _new(self, attributes: dict[str, object]):  # type: ignore[no-untyped-def]
         raise NotImplementedError
@@ -221,6 +195,7 @@ class SeriesRegistry:
         self._lock = threading.Lock()
         #: Bounds given to histogram families created from now on (``configure(buckets=...)`` sets them).
         self.default_bounds: tuple[float, ...] = KSERVE_BUCKETS
+        self._place: Callable[[_Family, object], None] | None = None
 
     def histogram(
         self, name: str, description: str, unit: str, label_names: Sequence[str],
@@ -245,8 +220,20 @@ class SeriesRegistry:
             with self._lock:
                 family = self._families.get(name)
                 if family is None:
-                    family = self._families[name] = factory()
+                    family = factory()
+                    if self._place is not None:
+                        family.place_all(self._place)
+                    self._families[name] = family
         return family
+
+    def place_series(self, place: Callable[[_Family, object], None] | None) -> None:
+        """Call ``place(family, series)`` for every series of every family now and for every new one from now
+        on, while its family's lock is held: how a :class:`kserve_otel.series_files.SeriesFile` moves the cells
+        into memory other processes read. ``None`` stops the calls."""
+        with self._lock:
+            self._place = place
+            for family in self._families.values():
+                family.place_all(place)
 
     def families(self) -> list[_Family]:
         """Every family, in creation order."""

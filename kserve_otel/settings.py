@@ -5,14 +5,18 @@ Precedence, highest first: an explicit argument > a ``KSERVE_OTEL_*`` environmen
 raises :class:`SettingsError` naming the setting, where the value came from and what is accepted. A bad pod
 annotation is logged and ignored instead: annotations are written by the platform, and they must never stop a
 model server from serving.
+
+Zero-code auto-instrumentation has no code of the user's to raise into, so it resolves with
+:meth:`Settings.load_forgiving`: a bad variable is reported in one line and ignored, and only what it configures
+is off (a bad tracing setting: kserve-otel's span export; any other: that setting falls back to the next source).
+Problems are reported once per process tree (:mod:`kserve_otel.problems`), not once per worker process.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .annotations import (
@@ -20,11 +24,11 @@ from .annotations import (
     ANNOTATION_PROMETHEUS_PATH,
     ANNOTATION_PROMETHEUS_PORT,
     DEFAULT_ANNOTATIONS_FILE,
+    Reporter,
     read_annotations,
 )
 from .names import KSERVE_BUCKETS, STEP_NAME_PATTERN
-
-_logger = logging.getLogger(__name__)
+from .problems import report_once
 
 METRICS_EXPORTERS = ("prometheus", "otlp", "console", "none")
 TRACES_EXPORTERS = ("otlp", "console", "none")
@@ -38,6 +42,11 @@ SAMPLERS = (
     "parentbased_always_off",
     "parentbased_traceidratio",
 )
+
+
+#: The settings that configure span export: a bad value of any of them turns kserve-otel's span export off on
+#: the zero-code path (:meth:`Settings.load_forgiving`), and leaves the metrics alone.
+TRACING_SETTINGS = ("traces_exporter", "traces_sampler", "traces_sampler_arg")
 
 
 class SettingsError(ValueError):
@@ -288,22 +297,49 @@ class Settings:
 
         Arguments that are ``None`` count as not given. Unknown argument names raise :class:`TypeError`.
         """
-        env = os.environ if environ is None else environ
         unknown = sorted(set(arguments) - set(_SPECS))
         if unknown:
             raise TypeError(
                 f"unknown setting(s) {', '.join(unknown)}; the settings are {', '.join(_SPECS)}"
             )
         given = {name: value for name, value in arguments.items() if value is not None}
+        return cls._load(environ, given, None)
 
+    @classmethod
+    def load_forgiving(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Resolve every setting from ``environ`` and pod annotations for the zero-code path, where no code of the
+        user's could catch a :class:`SettingsError`: a bad value never raises.
+
+        Each bad value is reported in one line (the setting, the value, where it came from, what is accepted and
+        what happens instead), once per process tree, and only what it configures is off:
+
+        * a bad ``traces_exporter``, ``traces_sampler`` or ``traces_sampler_arg``: kserve-otel exports no spans
+          (``traces_exporter`` is none); metrics and the endpoint are unaffected;
+        * any other setting: the bad value is ignored as if it were not set, so the next source applies (the
+          standard ``OTEL_*`` variable, the pod annotation, else the default). For ``metrics_port`` the default
+          means, under KServe, the model server's own HTTP port.
+        """
+        bad: list[_BadValue] = []
+        settings = cls._load(environ, {}, bad)
+        if any(b.spec.name in TRACING_SETTINGS for b in bad):
+            sources = dict(settings.sources)
+            sources["traces_exporter"] = "turned off by a bad tracing setting"
+            settings = replace(settings, traces_exporter=(), sources=sources)
+        for b in bad:
+            report_once(f"setting {b.spec.name}: {b.raw!r} from {b.source}", b.message(settings))
+        return settings
+
+    @classmethod
+    def _load(cls, environ: Mapping[str, str] | None, given: Mapping[str, Any], bad: list[_BadValue] | None) -> Settings:
+        env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
         # The annotations file is itself a setting; it has no annotation source, so resolve it first.
-        annotations_path = _resolve(_SPECS["annotations_file"], given, env, {}, "", values, sources)
+        annotations_path = _resolve(_SPECS["annotations_file"], given, env, {}, "", values, sources, bad=bad)
         annotations = read_annotations(annotations_path)
         for spec in SETTINGS_TABLE:
             if spec.name != "annotations_file":
-                _resolve(spec, given, env, annotations, annotations_path, values, sources)
+                _resolve(spec, given, env, annotations, annotations_path, values, sources, bad=bad)
         return cls(**values, sources=sources)
 
     @staticmethod
@@ -340,6 +376,30 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class _BadValue:
+    """A value :meth:`Settings.load_forgiving` ignored: which, from where, and what its setting accepts."""
+
+    spec: SettingSpec
+    raw: Any
+    source: str
+    accepted: str
+
+    def message(self, settings: Settings) -> str:
+        """One line: the setting, the value, its source, what is accepted, and what happens instead."""
+        head = f"setting {self.spec.name}: {self.raw!r} from {self.source} is not valid; accepted: {self.accepted}"
+        if self.spec.name in TRACING_SETTINGS:
+            return f"{head}; kserve-otel exports no spans (metrics are not affected)"
+        value, source = getattr(settings, self.spec.name), settings.source_of(self.spec.name)
+        if self.spec.name == "metrics_port" and source == "default":
+            used = f"the default: the model server's own HTTP port under KServe, {_format(value)} elsewhere"
+        elif source == "default":
+            used = f"the default {_format(value)}"
+        else:
+            used = f"{_format(value)} from {source}"
+        return f"{head}; using {used}"
+
+
 def _resolve(
     spec: SettingSpec,
     given: Mapping[str, Any],
@@ -348,7 +408,12 @@ def _resolve(
     annotations_path: str,
     values: dict[str, Any],
     sources: dict[str, str],
+    bad: list[_BadValue] | None = None,
+    report: Reporter = report_once,
 ) -> Any:
+    """Resolve ``spec`` into ``values``/``sources``. A bad argument or variable raises :class:`SettingsError`,
+    unless ``bad`` is a list: then it is noted there and the next source is tried. A bad annotation is reported
+    (``report``) and skipped."""
     candidates: list[tuple[str, Any]] = []
     if spec.name in given:
         candidates.append((f"argument {spec.name}", given[spec.name]))
@@ -360,7 +425,12 @@ def _resolve(
         try:
             value = spec.parse(raw)
         except ValueError as exc:
-            raise SettingsError(f"setting {spec.name}: {raw!r} from {source} is not valid; accepted: {exc}") from None
+            if bad is None:
+                raise SettingsError(
+                    f"setting {spec.name}: {raw!r} from {source} is not valid; accepted: {exc}"
+                ) from None
+            bad.append(_BadValue(spec, raw, source, str(exc)))
+            continue
         values[spec.name], sources[spec.name] = value, source
         return value
     if spec.annotation and spec.annotation in annotations:
@@ -369,9 +439,10 @@ def _resolve(
         try:
             value = spec.parse(raw)
         except ValueError as exc:
-            _logger.error(
-                "kserve-otel: setting %s: %r from %s is not valid (accepted: %s); using the default %r",
-                spec.name, raw, source, exc, spec.default,
+            report(
+                f"setting {spec.name}: {raw!r} from {source}",
+                f"setting {spec.name}: {raw!r} from {source} is not valid (accepted: {exc}); "
+                f"using the default {_format(spec.default)}",
             )
         else:
             values[spec.name], sources[spec.name] = value, source
@@ -380,19 +451,21 @@ def _resolve(
     return spec.default
 
 
-def resolve_setting(name: str, environ: Mapping[str, str] | None = None) -> Any:
+def resolve_setting(name: str, environ: Mapping[str, str] | None = None, report: Reporter = report_once) -> Any:
     """The value of one setting from the environment and pod annotations (no arguments), without reading or
     checking the others: what auto-instrumentation needs at interpreter start-up to decide whether it is on.
+    The annotations file is read only when no variable sets ``name``; its problems go to ``report(key, message)``.
 
-    Raises :class:`SettingsError` for a bad value, as :meth:`Settings.load` does.
+    Raises :class:`SettingsError` for a bad variable, as :meth:`Settings.load` does.
     """
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     annotations_path = _resolve(_SPECS["annotations_file"], {}, env, {}, "", values, sources)
     spec = _SPECS[name]
-    annotations = read_annotations(annotations_path) if spec.annotation else {}
-    return _resolve(spec, {}, env, annotations, annotations_path, values, sources)
+    set_by_variable = spec.env in env or (spec.otel_env is not None and spec.otel_env in env)
+    annotations = read_annotations(annotations_path, report) if spec.annotation and not set_by_variable else {}
+    return _resolve(spec, {}, env, annotations, annotations_path, values, sources, report=report)
 
 
 def settings_table_rows() -> Iterable[tuple[str, str, str, str, str, str]]:

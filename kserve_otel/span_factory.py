@@ -13,9 +13,13 @@ own ``Span.start``. Ending is the SDK's ``Span.end`` unchanged: processors and e
 
 The template relies on the SDK's private field names, so a factory is only made when the reference span's
 fields are exactly the ones this module fills (checked per tracer, see :func:`span_factory`); any other SDK
-version, tracer class or id generator falls back to ``tracer.start_span``. ``tests/test_span_factory.py``
-compares spans from both paths field by field. The factory is only used where the sampling decision is
-already known to be "record and sample" (see :mod:`kserve_otel.tracing`).
+version or tracer class falls back to ``tracer.start_span``. ``tests/test_span_factory.py`` compares spans
+from both paths field by field.
+
+The factory never asks a sampler: :mod:`kserve_otel.tracing` decides first, for the trace id it drew with
+:class:`SpanIds` (the tracer's own id generator, called as the SDK calls it: trace id, then span id), and
+hands that trace id to :meth:`SpanFactory.start` or :func:`start_sampled_span` (a request span: any kind and
+attributes), so the span carries the very trace id the decision was made for.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ try:
 except ImportError:  # pragma: no cover - the SDK is a dependency; without it every span takes the API path
     Tracer = None  # type: ignore[assignment,misc]
 
-__all__ = ["SpanFactory", "span_factory"]
+__all__ = ["SpanFactory", "SpanIds", "span_factory", "start_sampled_span", "supports"]
 
 #: The fields of an SDK span this module fills, and of its containers: any other set means another SDK layout.
 _SPAN_FIELDS = frozenset({
@@ -57,6 +61,10 @@ _getrandbits = random.getrandbits
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _RANDOM_BIT = TraceFlags.RANDOM_TRACE_ID
+_UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_UNSAMPLED_RANDOM = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
+#: ``SpanFactory.start``'s default: read the parent from the context given.
+_FROM_CONTEXT: Any = object()
 
 
 class SpanFactory:
@@ -81,19 +89,27 @@ class SpanFactory:
         self._ids = None if type(ids) is RandomIdGenerator else ids  # noqa: E721 - its exact behaviour is copied
         self._root_flags = _SAMPLED_RANDOM if ids.is_trace_id_random() else _SAMPLED
 
-    def start(self, parent_context: Any) -> Any:
+    def start(self, parent_context: Any, parent: Any = _FROM_CONTEXT, trace_id: int = 0) -> Any:
         """A started, sampled span, child of the span in ``parent_context``: the current OpenTelemetry
         ``Context``. Processors see the start as from ``tracer.start_span(name, attributes=...)`` (called without
-        a context argument, as for every step span)."""
+        a context argument, as for every step span).
+
+        A caller that has already looked at the parent to decide sampling passes what it found: ``parent``, the
+        parent's valid ``SpanContext`` or ``None`` for a root, and for a root ``trace_id``, the id the decision
+        was made for (from :class:`SpanIds` of this tracer). Without them the parent is read from the context
+        and a root gets a new trace id."""
         tracer = self.tracer
         if not tracer._is_enabled():
             return tracer.start_span(self._template["_name"], attributes=self.attributes)
-        parent_span = parent_context.get(_SPAN_KEY)
-        parent = parent_span.get_span_context() if parent_span is not None else None
+        if parent is _FROM_CONTEXT:
+            parent_span = parent_context.get(_SPAN_KEY)
+            parent = parent_span.get_span_context() if parent_span is not None else None
+            if parent is not None and not parent.is_valid:
+                parent = None
         ids = self._ids
-        if parent is None or not parent.is_valid:
-            parent = None
-            trace_id = _random_id(128) if ids is None else ids.generate_trace_id()
+        if parent is None:
+            if not trace_id:
+                trace_id = _random_id(128) if ids is None else ids.generate_trace_id()
             flags = self._root_flags
             trace_state = trace.DEFAULT_TRACE_STATE
         else:
@@ -121,6 +137,37 @@ class SpanFactory:
         state["_start_time"] = time_ns()
         self._processor.on_start(span, parent_context=None)  # what Tracer.start_span passes without a context
         return span
+
+
+class SpanIds:
+    """The ids and flags a tracer's ``start_span`` would give a span, drawn from the tracer's own id generator
+    (``RandomIdGenerator``'s exact behaviour inlined: the same calls of ``random.getrandbits``)."""
+
+    __slots__ = ("trace_id", "span_id", "root_flags")
+
+    def __init__(self, tracer: Any) -> None:
+        ids = tracer.id_generator
+        fast = Tracer is not None and type(ids) is RandomIdGenerator  # noqa: E721 - its exact behaviour is copied
+        #: A new root trace id, as ``Tracer.start_span`` draws it before asking the sampler.
+        self.trace_id = _random_trace_id if fast else ids.generate_trace_id
+        #: A new span id.
+        self.span_id = _random_span_id if fast else ids.generate_span_id
+        #: Flags of a root span, indexed by the sampling decision (0: dropped, 1: sampled).
+        self.root_flags = (_UNSAMPLED_RANDOM, _SAMPLED_RANDOM) if ids.is_trace_id_random() else (_UNSAMPLED, _SAMPLED)
+
+
+def _random_trace_id() -> int:
+    value = _getrandbits(128)
+    while not value:
+        value = _getrandbits(128)
+    return value
+
+
+def _random_span_id() -> int:
+    value = _getrandbits(64)
+    while not value:
+        value = _getrandbits(64)
+    return value
 
 
 def _random_id(bits: int) -> int:
@@ -164,3 +211,38 @@ def span_factory(tracer: Any, name: str, attributes: dict[str, Any]) -> SpanFact
         return SpanFactory(tracer, name, attributes, reference)
     except Exception:  # noqa: BLE001 - an SDK this module does not know: the ordinary path works everywhere
         return None
+
+
+def supports(tracer: Any) -> bool:
+    """Whether sampled spans of ``tracer`` can be made here for a decision already taken (the SDK's own
+    ``Tracer``, with the span layout this module knows); otherwise every span must go through
+    ``tracer.start_span``, which decides by itself."""
+    return span_factory(tracer, "kserve-otel", {}) is not None
+
+
+def start_sampled_span(
+    tracer: Any, ids: SpanIds, name: str, context: Any, parent: Any, trace_id: int, kind: trace.SpanKind,
+    attributes: dict[str, Any] | None,
+) -> Any:
+    """What ``tracer.start_span(name, context, kind, attributes)`` starts when its sampler decides "record and
+    sample" for ``trace_id`` (the SDK's own steps after the sampler's, in its order): for a request span, whose
+    kind and attributes vary. ``parent`` is the valid parent ``SpanContext`` found in ``context`` (``None`` for a
+    root, whose ``trace_id`` was drawn from ``ids``); ``tracer`` must be one that :func:`supports` accepts."""
+    if not tracer._is_enabled():
+        return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
+    if parent is None:
+        flags, trace_state = ids.root_flags[1], None
+    else:
+        trace_id = parent.trace_id
+        flags = _SAMPLED_RANDOM if parent.trace_flags & _RANDOM_BIT else _SAMPLED
+        trace_state = parent.trace_state
+    span = _Span(
+        name=name, context=SpanContext(trace_id, ids.span_id(), False, flags, trace_state), parent=parent,
+        sampler=tracer.sampler, resource=tracer.resource, attributes=attributes,
+        span_processor=tracer.span_processor, kind=kind, links=(), instrumentation_info=tracer.instrumentation_info,
+        record_exception=True, set_status_on_exception=True, limits=tracer._span_limits,
+        instrumentation_scope=tracer._instrumentation_scope,
+        record_end_metrics=tracer._tracer_metrics.start_span(parent, Decision.RECORD_AND_SAMPLE),
+    )
+    span.start(parent_context=context)
+    return span

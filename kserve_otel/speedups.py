@@ -19,6 +19,7 @@ so each observation is atomic without a lock; the pure-Python ones take a lock w
 from __future__ import annotations
 
 import math
+import operator
 import os
 import threading
 from bisect import bisect_left
@@ -26,25 +27,67 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from time import perf_counter
 from typing import Any
 
-__all__ = ["IMPLEMENTATION", "HTTPRecorder", "Histogram", "PyHTTPRecorder", "PyHistogram", "PyRequest", "Request"]
+__all__ = [
+    "IMPLEMENTATION", "Counter", "HTTPRecorder", "Histogram", "PyCounter", "PyHTTPRecorder", "PyHistogram", "PyRequest",
+    "Request",
+]
+
+
+def _cells(size: int, buffer: Any = None, offset: int = 0) -> memoryview:
+    """``size`` bytes of cells: fresh zeroed memory, or the part of ``buffer`` at ``offset`` (8-byte aligned)."""
+    if buffer is None:
+        return memoryview(bytearray(size))
+    view = memoryview(buffer)
+    if view.readonly:
+        raise TypeError("bind() needs a writable buffer")
+    if offset < 0 or offset % 8 or offset + size > view.nbytes:
+        raise ValueError(f"bind: {size} bytes at offset {offset} do not fit, 8-byte aligned, in a buffer of"
+                         f" {view.nbytes} bytes")
+    return view.cast("B")[offset: offset + size]
 
 
 class PyHistogram:
-    """Cumulative explicit-bucket histogram of one label set; :meth:`observe` is the hot path."""
+    """Cumulative explicit-bucket histogram of one label set; :meth:`observe` is the hot path.
 
-    __slots__ = ("bounds", "_counts", "_sum", "_min", "_max", "_interval_min", "_interval_max", "_lock", "mirror")
+    Its cells (``len(bounds) + 1`` bucket counts as native uint64, then sum, min and max as native doubles) live
+    in memory of its own until :meth:`bind` moves them into a shared buffer, where other processes read them
+    (:mod:`kserve_otel.series_files`). The interval extremes stay in the object: only delta readers use them.
+    """
+
+    __slots__ = ("bounds", "_counts", "_totals", "_interval_min", "_interval_max", "_lock", "mirror")
 
     def __init__(self, bounds: Iterable[float]) -> None:
         self.bounds = tuple(float(b) for b in bounds)
         if any(not a < b for a, b in zip(self.bounds, self.bounds[1:])):
             raise ValueError("Histogram bounds must be strictly increasing")
-        self._counts = [0] * (len(self.bounds) + 1)
-        self._sum = 0.0
-        self._min = self._interval_min = math.inf
-        self._max = self._interval_max = -math.inf
         self._lock = threading.Lock()
+        self._place(_cells(self.cells_size), carry=None)
         #: Called with every observed value too, when set (see :func:`kserve_otel.series.set_mirror_factory`).
         self.mirror: Callable[[float], object] | None = None
+
+    @property
+    def cells_size(self) -> int:
+        """Bytes that :meth:`bind` needs in its buffer."""
+        return 8 * (len(self.bounds) + 1) + 24
+
+    def _place(self, cells: memoryview, carry: bool | None) -> None:
+        split = 8 * (len(self.bounds) + 1)
+        counts, totals = cells[:split].cast("Q"), cells[split:].cast("d")
+        if carry:
+            counts[:] = self._counts
+            totals[:] = self._totals
+        else:
+            cells[:split] = bytes(split)
+            totals[0], totals[1], totals[2] = 0.0, math.inf, -math.inf
+            self._interval_min, self._interval_max = math.inf, -math.inf
+        self._counts, self._totals = counts, totals
+
+    def bind(self, buffer: Any, offset: int, carry: bool = True) -> None:
+        """Keep the cells in the writable ``buffer`` at ``offset`` from now on, with what was counted so far
+        unless ``carry`` is false."""
+        cells = _cells(self.cells_size, buffer, offset)
+        with self._lock:
+            self._place(cells, carry=carry)
 
     def observe(self, value: float) -> None:
         """Count ``value`` (seconds) in its bucket: bucket i holds bounds[i-1] < value <= bounds[i]."""
@@ -59,16 +102,17 @@ class PyHistogram:
         lock.acquire()
         try:
             self._counts[index] += 1
-            self._sum += number
+            totals = self._totals
+            totals[0] += number
             # The cumulative extremes are never inside the interval's: only a new interval extreme can be one.
             if number < self._interval_min:
                 self._interval_min = number
-                if number < self._min:
-                    self._min = number
+                if number < totals[1]:
+                    totals[1] = number
             if number > self._interval_max:
                 self._interval_max = number
-                if number > self._max:
-                    self._max = number
+                if number > totals[2]:
+                    totals[2] = number
         finally:
             lock.release()
         mirror = self.mirror
@@ -82,7 +126,8 @@ class PyHistogram:
         readers use them, since a cumulative min or max says nothing about one export interval.
         """
         with self._lock:
-            snap = (tuple(self._counts), self._sum, self._min, self._max, self._interval_min, self._interval_max)
+            total, low, high = self._totals
+            snap = (tuple(self._counts), total, low, high, self._interval_min, self._interval_max)
             if reset_interval:
                 self._interval_min, self._interval_max = math.inf, -math.inf
         return snap
@@ -94,18 +139,70 @@ class PyHistogram:
             return sum(self._counts)
 
 
+class PyCounter:
+    """A 64-bit count of one label set: :meth:`add`, and :meth:`increment` / :meth:`decrement` for requests in
+    flight. Its cell (one native int64) may be bound into a shared buffer, like a histogram's."""
+
+    __slots__ = ("_cell", "_lock", "mirror")
+
+    cells_size = 8
+
+    def __init__(self) -> None:
+        self._cell = _cells(8).cast("q")
+        self._lock = threading.Lock()
+        #: Called with every amount :meth:`add` adds, when set (see :func:`kserve_otel.series.set_mirror_factory`).
+        self.mirror: Callable[[int], object] | None = None
+
+    def add(self, amount: int = 1) -> None:
+        """Add ``amount`` (an int); the mirror, if any, sees it too."""
+        amount = operator.index(amount)  # an int, as the C version requires
+        with self._lock:
+            self._cell[0] += amount
+        mirror = self.mirror
+        if mirror is not None:
+            mirror(amount)
+
+    def increment(self) -> None:
+        """One more (no mirror)."""
+        with self._lock:
+            self._cell[0] += 1
+
+    def decrement(self) -> None:
+        """One less (no mirror)."""
+        with self._lock:
+            self._cell[0] -= 1
+
+    def bind(self, buffer: Any, offset: int, carry: bool = True) -> None:
+        """Keep the cell in the writable ``buffer`` at ``offset`` from now on, with its value so far unless
+        ``carry`` is false."""
+        cell = _cells(8, buffer, offset).cast("q")
+        with self._lock:
+            cell[0] = self._cell[0] if carry else 0
+            self._cell = cell
+
+    @property
+    def value(self) -> int:
+        """The count."""
+        return int(self._cell[0])
+
+
 _RESPONSE_START = "http.response.start"
+_RESPONSE_BODY = "http.response.body"
 
 
 class PyRequest:
     """One HTTP request being recorded (from :meth:`PyHTTPRecorder.start`): call it as the app's ``send``; it
-    notes the response status. :meth:`finish` ends it."""
+    notes the response status, and ends the request (:meth:`finish`) when the response's last body message
+    goes out: a request is counted before its client can see it answered, so a process killed right after
+    has still counted it. :meth:`finish` ends a request that sent no complete response."""
 
-    __slots__ = ("send", "method", "status", "traced", "_recorder", "_decrement", "_started", "_finished")
+    __slots__ = ("send", "method", "status", "traced", "_recorder", "_decrement", "_started", "_finished",
+                 "_scope")
 
     def __init__(self, recorder: PyHTTPRecorder, send: Callable[[Any], Awaitable[None]], method: str,
-                 decrement: Callable[[], object], traced: bool) -> None:
+                 decrement: Callable[[], object], traced: bool, scope: Mapping[str, Any]) -> None:
         self._recorder = recorder
+        self._scope: Mapping[str, Any] | None = scope
         self.send = send
         self.method = method
         self._decrement = decrement
@@ -118,8 +215,11 @@ class PyRequest:
 
     def __call__(self, message: Mapping[str, Any]) -> Awaitable[None]:
         # Returns ``send``'s awaitable: no coroutine frame of its own per message.
-        if message.get("type") == _RESPONSE_START:
+        kind = message.get("type")
+        if kind == _RESPONSE_START:
             self.status = message.get("status", self.status)
+        elif kind == _RESPONSE_BODY and not self._finished and not message.get("more_body", False):
+            self.finish(self._scope or {})
         return self.send(message)
 
     def finish(self, scope: Mapping[str, Any]) -> None:
@@ -128,6 +228,7 @@ class PyRequest:
         if self._finished:
             return
         self._finished = True
+        self._scope = None
         elapsed = perf_counter() - self._started
         self._decrement()
         route = scope.get("route")
@@ -181,7 +282,7 @@ class PyHTTPRecorder:
             if key in fields:
                 traced = True
                 break
-        request = PyRequest(self, send, method, active.decrement, traced)
+        request = PyRequest(self, send, method, active.decrement, traced, scope)
         active.increment()
         return request
 
@@ -189,11 +290,12 @@ class PyHTTPRecorder:
 try:
     if os.environ.get("KSERVE_OTEL_NO_EXTENSION"):
         raise ImportError("KSERVE_OTEL_NO_EXTENSION is set")
-    from ._speedups import Histogram, HTTPRecorder, Request  # type: ignore[import-not-found]
+    from ._speedups import Counter, Histogram, HTTPRecorder, Request  # type: ignore[import-not-found]
 
     #: Which implementation is in use: ``"c"`` (the extension) or ``"python"``.
     IMPLEMENTATION = "c"
 except ImportError:
+    Counter = PyCounter  # type: ignore[assignment,misc]
     Histogram = PyHistogram  # type: ignore[assignment,misc]
     HTTPRecorder = PyHTTPRecorder  # type: ignore[assignment,misc]
     Request = PyRequest  # type: ignore[assignment,misc]

@@ -19,12 +19,19 @@ Every call, whatever the kind:
   time to the first item in ``request_time_to_first_item_seconds{model_name, step}``.
 
 Observations made before :func:`kserve_otel.configure` are kept and appear in the first export after it.
+
+Memory is bounded by the series cap, not by the model names a server sees: the per-model details of a step
+(:class:`_ModelInfo`) are cached only for names that have a series of their own. Once a step's family holds
+:data:`kserve_otel.series.CARDINALITY_LIMIT` series, a new name is counted in the family's overflow series and
+nothing is kept for it: its details are rebuilt at each call (a few microseconds, only past the cap). Its span
+still carries the real model name: spans are not metrics, and a trace is where one looks for one model.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import types
 from collections.abc import AsyncGenerator, Callable, Generator
 from contextvars import ContextVar
@@ -52,21 +59,30 @@ F = TypeVar("F", bound=Callable[..., Any])
 STEP_ATTRIBUTE = "__kserve_otel_step__"
 
 
+#: The attribute of a family's overflow series, where label sets past the series cap are counted.
+_OVERFLOW_ATTRIBUTE = "otel.metric.overflow"
+
+
 class _ModelInfo:
     """What a step needs per model at call time, computed once per (step, model) and shared by every
-    callable recording that step for that model (see :data:`_active`)."""
+    callable recording that step for that model (see :data:`_active`), unless the model is past the series cap
+    (``kept`` is false: then it is built for one call and dropped)."""
 
-    __slots__ = ("name", "series", "span_name", "span_attributes")
+    __slots__ = ("key", "name", "series", "span_name", "span_attributes", "kept")
 
     def __init__(self, step: str, model: str) -> None:
+        self.key = (step, model)
         self.name = model
         self.series: HistogramSeries = REGISTRY.histogram(
             step_instrument_name(step), f"Duration of the {step} step", UNIT_SECONDS, (LABEL_MODEL_NAME,)
         ).series(model)
         self.span_name = f"{step} {model}"
         self.span_attributes = {ATTR_MODEL_NAME: model, ATTR_STEP: step}
+        #: Whether the model has a series of its own; past the cap it shares the overflow series.
+        self.kept = not self.series.attributes.get(_OVERFLOW_ATTRIBUTE, False)
 
 
+#: Details of every (step, model) that has a series of its own: at most the series cap per step.
 _infos: dict[tuple[str, str], _ModelInfo] = {}
 
 #: The step being recorded in this context. A step that calls another callable recording the same step of
@@ -78,7 +94,9 @@ _active: ContextVar[_ModelInfo | None] = ContextVar("kserve_otel_active_step", d
 def _info_for(step: str, model: str) -> _ModelInfo:
     info = _infos.get((step, model))
     if info is None:
-        info = _infos.setdefault((step, model), _ModelInfo(step, model))
+        info = _ModelInfo(step, model)
+        if info.kept:  # past the series cap nothing is kept per name
+            info = _infos.setdefault((step, model), info)
     return info
 
 
@@ -127,10 +145,13 @@ class StepRecorder:
         return self.default_model
 
     def info(self, model: str) -> _ModelInfo:
-        """Per-model series and span details, created on the first call for ``model``."""
+        """Per-model series and span details, created on the first call for ``model`` (and at every call for a
+        model past the series cap, for which nothing is kept)."""
         info = self._models.get(model)
         if info is None:
-            info = self._models[model] = _info_for(self.step, model)
+            info = _info_for(self.step, model)
+            if info.kept:
+                self._models[model] = info
         return info
 
     def count_error(self, model: str, error: BaseException) -> None:
@@ -161,7 +182,8 @@ class StepRecorder:
         already being recorded in this context (the call is then not recorded again)."""
         model = self.model_of(args)
         info = self._models.get(model) or self.info(model)
-        if _active.get() is info:
+        active = _active.get()
+        if active is not None and (active is info or active.key == info.key):  # equal keys: past the cap
             return None
         return info, start_step_span(info.span_name, info.span_attributes)
 
@@ -182,6 +204,10 @@ def _rebuild_recorder(
 ) -> StepRecorder:
     recorder = StepRecorder(step, model_name, fallback_model=fallback_model)
     recorder.is_method, recorder.default_model = is_method, default_model
+    if "ray.serve" in sys.modules:  # unpickled with a deployment's class into a Ray Serve replica, most likely
+        from .instrumentation.ray_serve.adoption import adopt_unpickled_steps
+
+        adopt_unpickled_steps()
     return recorder
 
 

@@ -23,6 +23,7 @@ export after it. Their spans went to the tracer provider of that moment (none, u
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class Telemetry:
     prometheus_registry: CollectorRegistry | None = None
     #: The standalone endpoint, if it was started (``None`` when mounted into an app or when the port was busy).
     metrics_server: MetricsServer | None = None
+    #: Why the standalone endpoint could not start (``"0.0.0.0:9090: Address already in use"``), else ``None``.
+    endpoint_problem: str | None = None
     readers: list[MetricReader] = field(default_factory=list)
     span_processors: list[SpanProcessor] = field(default_factory=list)
     owns_meter_provider: bool = False
@@ -71,7 +74,8 @@ class Telemetry:
 
     def collector(self, include_global_registry: bool = False) -> Any:
         """What the endpoint serves: this package's registry, and with ``include_global_registry``
-        prometheus_client's global one after it (each family name once). ``None`` without Prometheus."""
+        prometheus_client's global one after it, each family name once (see
+        :class:`~kserve_otel.exposition.MergedCollector`). ``None`` without Prometheus."""
         if self.prometheus_registry is None:
             return None
         if include_global_registry:
@@ -80,10 +84,14 @@ class Telemetry:
             return MergedCollector(self.prometheus_registry, REGISTRY)
         return self.prometheus_registry
 
-    def start_endpoint(self, include_global_registry: bool = False) -> bool:
+    def start_endpoint(self, include_global_registry: bool = False, fallback: str | None = None) -> bool:
         """Start the standalone endpoint on ``metrics_host:metrics_port`` if it is not running.
 
-        Returns whether it runs; a busy port is logged as one error and ``False`` is returned.
+        Returns whether it runs. When that address cannot be listened on (a busy port, an invalid host), one
+        error line says where, why and which settings gave the address, then what happens instead: the
+        metrics are served on ``fallback`` (the caller's words for where it serves them then, such as
+        ``"the model server's port 8080"``), or, without one, inference goes on without this endpoint.
+        Nothing is raised: telemetry never stops a server.
         """
         if self.metrics_server is not None:
             return True
@@ -91,15 +99,34 @@ class Telemetry:
         if collector is None:
             return False
         s = self.settings
-        server = MetricsServer(collector, s.metrics_host, s.metrics_port, s.metrics_path)
-        if server.start(source=s.source_of("metrics_port")):
-            self.metrics_server = server
-            return True
+        where = f"{s.metrics_host}:{s.metrics_port}"
+        # Probing first lets this line name the fallback; MetricsServer.start logs its own line (without it)
+        # only if the address is taken between the probe and its bind.
+        problem = _listen_problem(s.metrics_host, s.metrics_port)
+        if problem is None:
+            server = MetricsServer(collector, s.metrics_host, s.metrics_port, s.metrics_path)
+            if server.start(source=s.source_of("metrics_port")):
+                self.metrics_server = server
+                self.endpoint_problem = None
+                return True
+            self.endpoint_problem = f"{where}: taken while starting"
+            if fallback:
+                _logger.warning("kserve-otel: serving metrics on %s instead", fallback)
+            return False
+        self.endpoint_problem = f"{where}: {problem}"
+        origins = [f"port from {s.source_of('metrics_port')}"]
+        if s.source_of("metrics_host") != "default":
+            origins.insert(0, f"host from {s.source_of('metrics_host')}")
+        instead = f"serving them on {fallback} instead" if fallback else "inference goes on without this endpoint"
+        _logger.error(
+            "kserve-otel: cannot serve metrics on %s%s: %s (%s); %s",
+            where, s.metrics_path, problem, ", ".join(origins), instead,
+        )
         return False
 
     def merge_peers(self, peers: Any) -> None:
         """Make the Prometheus endpoint show the sum of this process and its ``peers``
-        (a :class:`~kserve_otel.peers.PeerExchange`: the worker processes of one server)."""
+        (a :class:`~kserve_otel.series_files.SharedSeries`: the processes of one server)."""
         for reader in self.readers:
             bridge = bridge_of(reader)
             if bridge is not None and self.prometheus_registry is not None and _is_prometheus(reader):
@@ -122,12 +149,15 @@ class Telemetry:
         the application answers the metrics path itself)."""
         s = self.settings
         parts = []
+        problem = self.endpoint_problem
         if self.metrics_url:
             parts.append(f"metrics: {self.metrics_url}")
         elif self.prometheus_registry is not None and http_port is not None:
-            parts.append(f"metrics: http://127.0.0.1:{http_port}{s.metrics_path} (the application's own port)")
+            instead = f", instead of {problem}" if problem else ""
+            parts.append(f"metrics: http://127.0.0.1:{http_port}{s.metrics_path} (the application's own port{instead})")
         elif self.prometheus_registry is not None:
-            parts.append(f"metrics: {s.metrics_path} not served on a port of its own (mount asgi_middleware)")
+            why = f" ({problem})" if problem else ""
+            parts.append(f"metrics: {s.metrics_path} not served on a port of its own{why} (mount asgi_middleware)")
         for name in s.metrics_exporters:
             if name != "prometheus":
                 parts.append(f"metrics pushed: {name}")
@@ -137,6 +167,20 @@ class Telemetry:
 
 def _is_prometheus(reader: MetricReader) -> bool:
     return type(reader).__name__ == "PrometheusMetricReader"
+
+
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on ``host:port`` now (an unknown host, a busy port), or ``None``.
+    Binds as :class:`MetricsServer` does (first address, ``SO_REUSEADDR``) and lets go at once."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 _lock = threading.Lock()

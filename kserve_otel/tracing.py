@@ -1,13 +1,29 @@
-"""Step spans at the lowest cost the OpenTelemetry API allows, and none at all when nothing would be recorded.
+"""Step and request spans at the lowest cost the OpenTelemetry API allows, sampled exactly as the SDK samples.
 
-The SDK builds a span object, ids and all, even when its sampler drops it (about 15 µs here). When the
-provider's sampler is known to drop a span, the step skips the SDK entirely: for the SDK's built-in samplers
-``always_off`` and ``parentbased_*`` (the default), the decision is read from the parent's ``sampled`` flag
-in well under a microsecond. A skipped span leaves the current context as it was, so code inside the step
-(and outgoing requests) still carries the request's trace id; nothing is lost, since a dropped span records
-nothing and is never exported. When the decision is known to be "sample" (``always_on``, or ``parentbased_*``
-with a sampled parent or an always-on root), the step's span is made by a :mod:`kserve_otel.span_factory`
-template, half the SDK's cost. Any other sampler or provider gets the ordinary ``tracer.start_span`` path.
+The SDK builds a span object, ids and all, even when its sampler drops it (about 15 µs here), and a sampled span
+through ``Tracer.start_span`` costs 9-11 µs. So, for the SDK's own samplers, this module takes the SDK's
+decision itself, then makes only what the SDK would have made:
+
+* Every sampler ``OTEL_TRACES_SAMPLER`` names (``always_on``, ``always_off``, ``traceidratio``, ``parentbased_*``,
+  whether built by the SDK, by its configurator's entry points or by ``configure()``) decides by the parent's
+  validity, remoteness and ``sampled`` flag, then either always, never, or by ``TraceIdRatioBased``'s rule
+  ``trace_id & 0xFFFFFFFFFFFFFFFF < bound``. Each case reduces to a bound (never: 0, always: 2**64, a ratio: the
+  sampler's own ``bound``), read once per provider; the decision is one comparison of the trace id, which for
+  a root is drawn first from the tracer's id generator, as ``Tracer.start_span`` draws it.
+* Sampled: the span is made with that trace id by :mod:`kserve_otel.span_factory` (a step's template, or the
+  SDK's own span class for a request span), half the SDK's cost.
+* Dropped under an unsampled parent: nothing is made and the parent stays current, where that changes no
+  later decision (spans inside would be dropped under the SDK's non-recording span too) nor what outgoing
+  calls carry (the flag is off either way). That is the commonest case, a parent-based sampler under an
+  unsampled parent, and a request's later steps are then decided by one identity check. Dropped otherwise
+  (under a sampled parent, or at the root): the SDK's non-recording span, with the trace id the decision was
+  made for, is made current, so a request's steps and outgoing calls belong to that one dropped trace. Only
+  where every root and every child of an unsampled span is dropped (``always_off``,
+  ``parentbased_always_off``) is nothing made for a dropped root.
+
+Any other sampler (a ``Sampler`` of the user's own, one loaded from another entry point, ``ParentBased`` with
+such a delegate), tracer or provider gets the ordinary ``tracer.start_span``, which asks its sampler as always.
+``tests/test_tracing_samplers.py`` compares the decisions with the SDK's, trace id by trace id.
 
 The provider is the one given to :func:`set_tracer_provider` (``configure(tracer_provider=...)``), else the
 global one, looked up on each call so that a provider installed after the step was decorated is used.
@@ -22,40 +38,72 @@ from typing import Any
 
 from opentelemetry import context as context_api
 from opentelemetry import trace
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode
 # Where the API keeps the current span in a Context: one dictionary lookup, where ``trace.get_current_span()``
 # costs 0.15 µs more per step (tests/test_steps.py checks it is still there).
 from opentelemetry.trace.propagation import _SPAN_KEY
 
+from . import span_factory as _factory
 from ._version import __version__
 from .names import ATTR_ERROR_TYPE, SCOPE_NAME
-from .span_factory import span_factory
 
-_OFF, _SDK, _PARENT_BASED, _ALWAYS = 0, 1, 2, 3
-#: Step span factories kept per provider (one per step of each model); beyond this, spans take the SDK path.
+#: Modes of a provider: nothing is ever recorded (no SDK provider); the SDK decides (``tracer.start_span``);
+#: decided here.
+_OFF, _SDK, _DECIDED = 0, 1, 2
+#: Step span factories kept per provider (one per step of each model); beyond this, spans are made without one.
 _MAX_FACTORIES = 4096
 _NO_FACTORY = object()
+#: ``TraceIdRatioBased.TRACE_ID_LIMIT``: its rule looks at the low 64 bits of the trace id.
+_LOW_64 = (1 << 64) - 1
+#: The bound of a sampler that samples every trace id (``trace_id & _LOW_64`` is always below it).
+_ALL = 1 << 64
+_SERVER = trace.SpanKind.SERVER
+try:
+    from opentelemetry.sdk.trace.sampling import Decision as _Decision
+
+    _DROP: Any = _Decision.DROP
+except ImportError:  # pragma: no cover - the SDK is a dependency
+    _DROP = None
 
 SpanHandle = tuple[Span, object]
 
 
 class _ProviderState:
-    __slots__ = ("provider", "tracer", "mode", "root_off", "factories", "unsampled_parent")
+    """What one provider's sampler decides, as bounds on ``trace_id & _LOW_64``: a span is sampled when below."""
 
-    def __init__(self, provider: object, tracer: Any, mode: int, root_off: bool) -> None:
+    __slots__ = ("provider", "tracer", "mode", "root", "local", "remote", "quiet_root", "quiet_unsampled",
+                 "ids", "count_dropped", "factories", "dropping_parent")
+
+    def __init__(self, provider: object, tracer: Any, mode: int,
+                 bounds: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)) -> None:
         self.provider = provider
         self.tracer = tracer
         self.mode = mode
-        self.root_off = root_off
-        #: (span name, id of its attributes dict) -> SpanFactory, or None where the SDK path must be taken.
+        root, local_sampled, local_unsampled, remote_sampled, remote_unsampled = bounds
+        self.root = root
+        #: Bounds under a valid local / remote parent, indexed by the parent's sampled flag (0 or 1).
+        self.local = (local_unsampled, local_sampled)
+        self.remote = (remote_unsampled, remote_sampled)
+        #: A root dropped here may be left without any span: every root and every child of an unsampled
+        #: local span is dropped, whatever its trace id (so steps inside are dropped all the same).
+        self.quiet_root = root == 0 and local_unsampled == 0
+        #: Bound under which a child of an unsampled local span is sampled: a span dropped under an unsampled
+        #: parent needs no span of its own when that would drop its children too.
+        self.quiet_unsampled = local_unsampled
+        self.ids = _factory.SpanIds(tracer) if mode == _DECIDED else None
+        #: The SDK's count of started spans (``otel.sdk.span.started``, when its self-observability metrics are
+        #: on), called for each span dropped here as ``Tracer.start_span`` calls it; else ``None``.
+        self.count_dropped = _span_metrics(tracer) if mode == _DECIDED else None
+        #: (span name, id of its attributes dict) -> SpanFactory, or None where one cannot be made.
         self.factories: dict[tuple[str, int], Any] = {}
-        #: The last parent span found unsampled: a request's later steps have the same parent, and a span's
-        #: context never changes, so they are decided by one identity check.
-        self.unsampled_parent: object = None
+        #: The last parent span whose children are dropped without a span of their own: a request's later
+        #: steps have the same parent, and a span's context never changes, so they are decided by one
+        #: identity check.
+        self.dropping_parent: object = None
 
 
 _explicit_provider: trace.TracerProvider | None = None
-_state = _ProviderState(None, None, _OFF, True)
+_state = _ProviderState(None, None, _OFF)
 
 
 def set_tracer_provider(provider: trace.TracerProvider | None) -> None:
@@ -65,68 +113,91 @@ def set_tracer_provider(provider: trace.TracerProvider | None) -> None:
 
 
 def _analyse(provider: Any) -> _ProviderState:
-    """Work out once per provider how spans can be decided: never, by the parent's flag, or by the SDK."""
+    """Work out once per provider how spans are decided: never, here (by bounds), or by the SDK."""
     global _state
     if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
         # Without a real provider the API would hand back a non-recording span: skipping it is equivalent.
-        state = _ProviderState(provider, None, _OFF, True)
+        state = _ProviderState(provider, None, _OFF)
     else:
         tracer = provider.get_tracer(SCOPE_NAME, __version__)
-        mode, root_off = _sampler_mode(getattr(provider, "sampler", None))
-        if mode == _PARENT_BASED and hasattr(tracer, "sampler"):
-            # Spans reach this tracer only once the parent-based decision is known to be "sample" (see
-            # start_step_span): give this tracer (ours alone; the provider makes one per call) a sampler that
-            # says so directly instead of walking ParentBased's delegates again.
-            tracer.sampler = _SAMPLED
-        state = _ProviderState(provider, tracer, mode, root_off)
+        bounds = sampler_bounds(getattr(provider, "sampler", None))
+        if bounds is None or not _factory.supports(tracer):
+            state = _ProviderState(provider, tracer, _SDK)
+        else:
+            # ALWAYS_OFF too: under a sampled parent the SDK makes a dropped span, which outgoing calls carry.
+            state = _ProviderState(provider, tracer, _DECIDED, bounds)
     _state = state
     return state
 
 
-class _Sampled:
-    """The decision ``ParentBased(ALWAYS_ON)`` reaches for a sampled parent or a root: record and sample,
-    keeping the parent's trace state."""
-
-    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
-                      attributes: Any = None, links: Any = None, trace_state: Any = None) -> Any:
-        from opentelemetry.sdk.trace.sampling import Decision, SamplingResult
-
-        parent = trace.get_current_span(parent_context).get_span_context()
-        return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, parent.trace_state if parent.is_valid else None)
-
-    def get_description(self) -> str:
-        return "ParentBased{root:AlwaysOnSampler} (decided by kserve-otel)"
+def _span_metrics(tracer: Any) -> Callable[[Any, Any], Any] | None:
+    try:
+        from opentelemetry.sdk.trace._tracer_metrics import NoOpTracerMetrics
+    except ImportError:  # pragma: no cover - an SDK without self-observability metrics
+        return None
+    metrics = getattr(tracer, "_tracer_metrics", None)
+    return None if metrics is None or isinstance(metrics, NoOpTracerMetrics) else metrics.start_span
 
 
-_SAMPLED = _Sampled()
+def _count_dropped(state: _ProviderState, parent: SpanContext | None) -> None:
+    if state.count_dropped is not None:
+        state.count_dropped(parent, _DROP)
 
 
-def _sampler_mode(sampler: Any) -> tuple[int, bool]:
+def sampler_bounds(sampler: Any) -> tuple[int, int, int, int, int] | None:
+    """The SDK's decision of ``sampler`` as bounds on ``trace_id & 0xFFFFFFFFFFFFFFFF`` (sampled when below):
+    ``(root, local sampled parent, local unsampled parent, remote sampled parent, remote unsampled parent)``;
+    ``None`` for a sampler whose decision is not one of these (the SDK must be asked)."""
+    bound = _bound(sampler)
+    if bound is not None:
+        return (bound,) * 5
     try:
         from opentelemetry.sdk.trace import sampling
     except ImportError:  # pragma: no cover - the SDK is a dependency
-        return _SDK, False
-    if sampler is None:
-        return _SDK, False
-    if sampler is sampling.ALWAYS_OFF:
-        return _OFF, True
-    if sampler is sampling.ALWAYS_ON:
-        return _ALWAYS, False
-    if type(sampler) is sampling.ParentBased:  # noqa: E721 - subclasses may decide differently
-        # ParentBased's delegates are private attributes; if they are not the SDK defaults (or cannot be read),
-        # fall back to asking the SDK on every span.
-        delegates = [getattr(sampler, f"_{kind}", None) for kind in (
-            "remote_parent_sampled", "local_parent_sampled", "remote_parent_not_sampled", "local_parent_not_sampled"
-        )]
-        if delegates[:2] == [sampling.ALWAYS_ON] * 2 and delegates[2:] == [sampling.ALWAYS_OFF] * 2:
-            return _PARENT_BASED, getattr(sampler, "_root", None) is sampling.ALWAYS_OFF
-    return _SDK, False
+        return None
+    if _is_sdk_class(sampler, sampling.ParentBased, "should_sample"):
+        bounds = tuple(_bound(getattr(sampler, f"_{which}", None)) for which in (
+            "root", "local_parent_sampled", "local_parent_not_sampled", "remote_parent_sampled",
+            "remote_parent_not_sampled",
+        ))
+        if None not in bounds:
+            return bounds  # type: ignore[return-value]
+    return None
+
+
+def _bound(sampler: Any) -> int | None:
+    """The bound of a sampler that ignores the parent's flags: ``ALWAYS_ON``/``ALWAYS_OFF`` (and the SDK
+    configurator's ``always_on``/``always_off``), ``TraceIdRatioBased``; else ``None``."""
+    try:
+        from opentelemetry.sdk.trace import sampling
+    except ImportError:  # pragma: no cover - the SDK is a dependency
+        return None
+    if _is_sdk_class(sampler, sampling.StaticSampler, "should_sample"):
+        decision = getattr(sampler, "_decision", None)
+        if decision is sampling.Decision.RECORD_AND_SAMPLE:
+            return _ALL
+        if decision is sampling.Decision.DROP:
+            return 0
+        return None  # RECORD_ONLY: recorded, never sampled; the SDK makes such spans
+    if _is_sdk_class(sampler, sampling.TraceIdRatioBased, "should_sample") and sampler.TRACE_ID_LIMIT == _LOW_64:
+        bound = sampler.bound
+        return bound if isinstance(bound, int) else None
+    return None
+
+
+def _is_sdk_class(sampler: Any, base: type, method: str) -> bool:
+    """``sampler`` is an instance of the SDK's ``base`` or of one of the SDK's own subclasses of it that
+    decide by ``base``'s ``method`` (a class of anyone else may decide otherwise: it is asked)."""
+    cls = type(sampler)
+    return (isinstance(sampler, base) and cls.__module__ == base.__module__
+            and getattr(cls, method, None) is getattr(base, method))
 
 
 def tracer_if_recording(parent_context: context_api.Context | None = None) -> Any:
     """The tracer to start a span under ``parent_context`` (default: the current context) with, or ``None``
-    when the span would not be recorded. The parent is only looked at when the sampler needs it. Unless the
-    provider's mode is ``_SDK``, a tracer returned means the span will be recorded and sampled."""
+    when no span is needed there: it would be dropped, and leaving ``parent_context`` current instead decides
+    everything inside alike (see :func:`start_step_span`). A tracer returned means the span may be sampled
+    (a root's decision waits for its trace id) or must be made non-recording: ``tracer.start_span`` decides."""
     provider = current_provider()
     state = _state
     if provider is not state.provider:
@@ -134,22 +205,19 @@ def tracer_if_recording(parent_context: context_api.Context | None = None) -> An
     mode = state.mode
     if mode == _OFF:
         return None
-    if mode == _PARENT_BASED:
+    if mode == _DECIDED:
         span = (parent_context if parent_context is not None else _current_context()).get(_SPAN_KEY)
         if span is not None:
-            if span is state.unsampled_parent:
+            if span is state.dropping_parent:
                 return None
-            # As ParentBased decides: a valid parent's sampled flag, else the root sampler. SpanContext is a
-            # tuple (trace_id, span_id, is_remote, trace_flags, trace_state, is_valid): indexing it saves two
-            # property calls on every step under an unsampled parent, the commonest case when tracing samples
-            # a fraction (tests/test_steps.py checks the layout).
             parent = span.get_span_context()
             if parent[5]:
-                if parent[3] & _SAMPLED_FLAG:
-                    return state.tracer
-                state.unsampled_parent = span
-                return None
-        if state.root_off:
+                trace_id = parent[0] & _LOW_64
+                if (trace_id >= (state.remote if parent[2] else state.local)[parent[3] & 1]
+                        and not parent[3] & 1 and trace_id >= state.quiet_unsampled):
+                    return None
+                return state.tracer
+        if state.quiet_root:
             return None
     return state.tracer
 
@@ -173,7 +241,6 @@ def current_provider() -> Any:
 
 
 _PROXY_PROVIDER = trace.ProxyTracerProvider()
-_SAMPLED_FLAG = trace.TraceFlags.SAMPLED
 
 
 def _context_reader() -> Callable[[], context_api.Context]:
@@ -189,42 +256,136 @@ _current_context = _context_reader()
 
 
 def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
-    """Start a span, child of the current one, and make it current; ``None`` when no span would be recorded.
+    """Start a span, child of the current one, and make it current; ``None`` when no span is needed (it would
+    be dropped, and so would any span started inside it).
 
     ``attributes`` must not change after the first call with it: spans of one (name, attributes dict) are made
     from one template."""
-    tracer = tracer_if_recording()
-    if tracer is None:
-        return None
+    provider = current_provider()
     state = _state
-    if state.mode == _SDK or state.tracer is not tracer:
-        span = tracer.start_span(name, attributes=attributes)
+    if provider is not state.provider:
+        state = _analyse(provider)
+    mode = state.mode
+    if mode == _OFF:
+        return None
+    context = _current_context()
+    if mode == _DECIDED:
+        span = context.get(_SPAN_KEY)
+        if span is not None:
+            if span is state.dropping_parent:
+                if state.count_dropped is not None:
+                    state.count_dropped(span.get_span_context(), _DROP)
+                return None
+            # As ParentBased / TraceIdRatioBased decide. SpanContext is a tuple (trace_id, span_id, is_remote,
+            # trace_flags, trace_state, is_valid): indexing it saves property calls on every step under an
+            # unsampled parent, the commonest case when tracing samples a fraction (tests/test_steps.py checks
+            # the layout).
+            parent = span.get_span_context()
+            if parent[5]:
+                trace_id = parent[0]
+                if trace_id & _LOW_64 < (state.remote if parent[2] else state.local)[parent[3] & 1]:
+                    return _sampled_step(state, name, attributes, context, parent, trace_id)
+                if not parent[3] & 1 and trace_id & _LOW_64 >= state.quiet_unsampled:
+                    state.dropping_parent = span
+                    _count_dropped(state, parent)
+                    return None
+                return _dropped(state, context, parent, trace_id)
+        if state.quiet_root:
+            if state.count_dropped is not None:
+                state.count_dropped(None, _DROP)
+            return None
+        trace_id = state.ids.trace_id()  # type: ignore[union-attr]
+        if trace_id & _LOW_64 < state.root:
+            return _sampled_step(state, name, attributes, context, None, trace_id)
+        return _dropped(state, context, None, trace_id)
+    span = state.tracer.start_span(name, attributes=attributes)  # the SDK asks its sampler
+    return span, context_api.attach(trace.set_span_in_context(span, context))
+
+
+def _sampled_step(state: _ProviderState, name: str, attributes: dict[str, Any], context: context_api.Context,
+                  parent: SpanContext | None, trace_id: int) -> SpanHandle:
+    """The step's span, sampled for ``trace_id``, made from the step's template (half the SDK's cost)."""
+    factories = state.factories
+    key = (name, id(attributes))
+    factory = factories.get(key, _NO_FACTORY)
+    if factory is _NO_FACTORY:
+        # Past the limit (attributes dicts made per call, say) a template would serve one span: none is made.
+        factory = factories.setdefault(key, _factory.span_factory(state.tracer, name, attributes)) \
+            if len(factories) < _MAX_FACTORIES else None
+    if factory is not None:
+        span = factory.start(context, parent, trace_id)
     else:
-        # Sampled for certain: made from the step's template (kserve_otel.span_factory), half the SDK's cost.
-        factories = state.factories
-        key = (name, id(attributes))
-        factory = factories.get(key, _NO_FACTORY)
-        if factory is _NO_FACTORY:
-            factory = span_factory(tracer, name, attributes)
-            if len(factories) < _MAX_FACTORIES:
-                factories[key] = factory
-        span = factory.start(_current_context()) if factory is not None else tracer.start_span(name, attributes=attributes)
-    return span, context_api.attach(trace.set_span_in_context(span))
+        span = _factory.start_sampled_span(
+            state.tracer, state.ids, name, None, parent, trace_id,  # type: ignore[arg-type]
+            trace.SpanKind.INTERNAL, attributes,
+        )
+    return span, context_api.attach(trace.set_span_in_context(span, context))
+
+
+def _dropped(
+    state: _ProviderState, context: context_api.Context, parent: SpanContext | None, trace_id: int
+) -> SpanHandle:
+    """The non-recording span the SDK makes for a dropped span, made current: its children are decided as
+    children of a dropped local span of this trace, and outgoing calls carry the trace with its flag off."""
+    _count_dropped(state, parent)
+    ids = state.ids
+    if parent is None:
+        flags, trace_state = ids.root_flags[0], None  # type: ignore[union-attr]
+    else:
+        flags, trace_state = _DROPPED_FLAGS[parent[3] & _RANDOM_FLAG], parent[4]
+    span = NonRecordingSpan(SpanContext(trace_id, ids.span_id(), False, flags, trace_state))  # type: ignore[union-attr]
+    return span, context_api.attach(trace.set_span_in_context(span, context))
+
+
+_RANDOM_FLAG = trace.TraceFlags.RANDOM_TRACE_ID
+#: Flags of a dropped child, by its parent's random-trace-id flag (the SDK passes only that one on).
+_DROPPED_FLAGS = {0: trace.TraceFlags(trace.TraceFlags.DEFAULT), _RANDOM_FLAG: trace.TraceFlags(_RANDOM_FLAG)}
 
 
 def start_server_span(
     name: str, attributes: Callable[[], dict[str, Any]], parent: context_api.Context | None
 ) -> tuple[Span | None, object]:
     """Start the SERVER span of an incoming request under ``parent`` (the context extracted from its headers,
-    ``None`` for none) and make it current; ``attributes()`` is called only if the span is recorded. Returns ``(span, token)``; ``span`` is ``None`` when it would not be
-    recorded, and then ``parent`` alone is made current, so the request's trace id still reaches step spans,
-    outgoing calls and log lines. Pass the token to :func:`end_server_span`.
+    ``None`` for the current one) and make it current; ``attributes()`` is called only if the span may be
+    recorded. Returns ``(span, token)``; ``span`` is ``None`` when it is not recorded: then what the SDK
+    would make current is (a non-recording span of the request's trace, or ``parent`` itself where that
+    decides its children alike), so the request's trace id still reaches step spans, outgoing calls and log
+    lines, and its steps are dropped with it. Pass the token to :func:`end_server_span`.
     """
-    tracer = tracer_if_recording(parent)
-    if tracer is None:
+    provider = current_provider()
+    state = _state
+    if provider is not state.provider:
+        state = _analyse(provider)
+    mode = state.mode
+    if mode == _DECIDED:
+        context = parent if parent is not None else _current_context()
+        span = context.get(_SPAN_KEY)
+        parent_span = span.get_span_context() if span is not None else None
+        if parent_span is not None and parent_span[5]:
+            trace_id = parent_span[0]
+            if trace_id & _LOW_64 >= (state.remote if parent_span[2] else state.local)[parent_span[3] & 1]:
+                if not parent_span[3] & 1 and trace_id & _LOW_64 >= state.quiet_unsampled:
+                    _count_dropped(state, parent_span)
+                    return None, (context_api.attach(parent) if parent is not None else None)
+                return None, _dropped(state, context, parent_span, trace_id)[1]
+        else:
+            parent_span = None
+            if state.quiet_root:
+                _count_dropped(state, None)
+                return None, (context_api.attach(parent) if parent is not None else None)
+            trace_id = state.ids.trace_id()  # type: ignore[union-attr]
+            if trace_id & _LOW_64 >= state.root:
+                return None, _dropped(state, context, None, trace_id)[1]
+        span = _factory.start_sampled_span(
+            state.tracer, state.ids, name, parent, parent_span, trace_id,  # type: ignore[arg-type]
+            _SERVER, attributes(),
+        )
+        return span, context_api.attach(trace.set_span_in_context(span, context))
+    if mode == _OFF:
         return None, (context_api.attach(parent) if parent is not None else None)
-    span = tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes())
-    return span, context_api.attach(trace.set_span_in_context(span, parent))
+    span = state.tracer.start_span(name, context=parent, kind=_SERVER, attributes=attributes())  # the SDK decides
+    token = context_api.attach(trace.set_span_in_context(span, parent))
+    return (span if span.is_recording() else None), token
 
 
 def end_server_span(span: Span | None, token: object, error: BaseException | None = None) -> None:

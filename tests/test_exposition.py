@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import http.client
 import logging
+import os
+import resource
 import shutil
+import socket
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -15,6 +21,7 @@ from conftest import ServerThread, families, free_port, histogram_count, run_pyt
 from prometheus_client import CollectorRegistry, Histogram
 
 from kserve_otel import instrument_step
+from kserve_otel import exposition
 from kserve_otel.exposition import MetricsMiddleware, MetricsServer
 
 PROMTOOL = shutil.which("promtool")
@@ -228,3 +235,163 @@ def test_kserve_global_registry_and_endpoint_give_one_valid_exposition():
     if PROMTOOL:
         check = promtool_check(text)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+# ----------------------------------------------------------------------------------------- methods, both ports
+
+
+def _served_registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Histogram("h_seconds", "h", registry=registry).observe(1)
+    return registry
+
+
+def _answer(port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def _assert_method_answers(port: int, methods: tuple[str, ...]) -> None:
+    status, headers, body = _answer(port, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert "h_seconds_count 1.0" in body.decode()
+    status, headers, body = _answer(port, "HEAD", "/metrics")  # GET's headers without the body
+    assert status == 200 and body == b"" and int(headers["content-length"]) == len(scrape_body(port))
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    for method in methods:
+        status, headers, body = _answer(port, method, "/metrics")
+        assert (status, headers.get("allow")) == (405, "GET, HEAD"), method
+        assert headers["content-type"] == "text/plain; charset=utf-8", method
+        assert body == b"Method Not Allowed\n", method
+
+
+def scrape_body(port: int) -> bytes:
+    return _answer(port, "GET", "/metrics")[2]
+
+
+def test_standalone_endpoint_methods_405_with_allow_and_plain_404_elsewhere():
+    server = MetricsServer(_served_registry(), "127.0.0.1", 0)
+    assert server.start()
+    try:
+        _assert_method_answers(server.port, ("POST", "PROPFIND", "OPTIONS", "PUT", "DELETE", "PATCH", "BREW"))
+        for method in ("GET", "POST", "PROPFIND", "OPTIONS"):
+            status, headers, body = _answer(server.port, method, "/other")
+            assert (status, body) == (404, b"Not Found\n"), method
+            assert headers["content-type"] == "text/plain; charset=utf-8", method
+        status, headers, body = _answer(server.port, "HEAD", "/other")
+        assert status == 404 and body == b""
+    finally:
+        server.stop()
+
+
+def test_app_port_endpoint_methods_match_the_standalone_one():
+    """HEAD answers like GET without the body on both endpoints (plain KServe's /metrics answers HEAD 405)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    inner = Starlette(routes=[Route("/other", lambda r: PlainTextResponse("app"))])
+    app = MetricsMiddleware(inner, _served_registry())
+    with ServerThread(app) as server:
+        _assert_method_answers(server.port, ("POST", "PROPFIND", "OPTIONS"))
+        assert _answer(server.port, "POST", "/other")[0] == 405  # other paths are the app's own
+
+
+# ----------------------------------------------------------------------------------------- connections
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_idle_connection_flood_holds_no_threads_and_scrapes_still_answer(monkeypatch):
+    monkeypatch.setattr(exposition, "IDLE_TIMEOUT", 2.0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2000 + exposition.MAX_CONNECTIONS + 256
+    if soft < needed:  # each idle connection costs this process two descriptors, client's and server's
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
+    flood = min(2000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - exposition.MAX_CONNECTIONS - 256)
+    assert flood > 2 * exposition.MAX_CONNECTIONS, f"RLIMIT_NOFILE {hard} is too low for this test"
+    server = MetricsServer(_served_registry(), "127.0.0.1", 0)
+    assert server.start()
+    sockets: list[socket.socket] = []
+    try:
+        assert "h_seconds_count 1.0" in scrape(server.url)
+        threads, tasks = threading.active_count(), len(os.listdir("/proc/self/task"))
+        descriptors = len(os.listdir("/proc/self/fd"))
+        for i in range(flood):
+            sockets.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+            if i % 100 == 99:
+                assert threading.active_count() <= threads + exposition.RENDER_THREADS, f"{i + 1} connections"
+        # the server's side of the flood is bounded too (once it has accepted and closed what is queued)
+        bound = descriptors + flood + exposition.MAX_CONNECTIONS + 8
+        deadline = time.monotonic() + 30
+        while len(os.listdir("/proc/self/fd")) > bound and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) <= bound
+        # a scraper still gets its answer, and keeps its connection between scrapes
+        scraper = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        for _ in range(3):
+            scraper.request("GET", "/metrics")
+            response = scraper.getresponse()
+            assert response.status == 200 and b"h_seconds_count 1.0" in response.read()
+            if _ == 0:
+                kept = scraper.sock
+            assert scraper.sock is kept
+        scraper.close()
+        assert threading.active_count() <= threads + exposition.RENDER_THREADS
+        assert len(os.listdir("/proc/self/task")) <= tasks + exposition.RENDER_THREADS
+        # every idle connection is closed by the server once IDLE_TIMEOUT has passed
+        for sock in sockets:
+            sock.setblocking(False)
+        deadline = time.monotonic() + exposition.IDLE_TIMEOUT + 30
+        open_ones = sockets
+        while open_ones and time.monotonic() < deadline:
+            open_ones = [sock for sock in open_ones if not _closed_by_server(sock)]
+            time.sleep(0.1)
+        assert not open_ones, f"{len(open_ones)} idle connections still open"
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_client_trickling_its_request_is_closed_and_holds_nothing(monkeypatch):
+    """A slow-loris client sends a header line now and then and never finishes its request."""
+    monkeypatch.setattr(exposition, "REQUEST_TIMEOUT", 1.0)
+    server = MetricsServer(_served_registry(), "127.0.0.1", 0)
+    assert server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+            slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            slow.settimeout(0.1)
+            answer = b""
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    slow.sendall(b"X-Slow: 1\r\n")
+                    chunk = slow.recv(4096)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    break
+                answer += chunk
+                if not chunk:
+                    break
+            else:
+                pytest.fail("the server still waits for the trickling request after 10 s")
+            assert answer.startswith(b"HTTP/1.1 408 ")
+            assert "h_seconds_count 1.0" in scrape(server.url)
+    finally:
+        server.stop()

@@ -1,6 +1,9 @@
 """Ray Serve on a real local Ray cluster, started once for the module: step metrics from real replicas on
 Ray's own metrics endpoint, spans across deployments through Serve's tracing, batching, a KServe model on Ray,
-OTLP metrics, and the driver-side walk of an application."""
+OTLP metrics, and the driver-side walk of an application.
+
+The cluster is the module's own, on a loopback node address, whatever ran on the machine before
+(``tests/ray_loopback.py``); ``tests/test_ray_multinode.py`` runs a 2-node cluster."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import pytest
 from conftest import ROOT, free_port
 from otlp_receiver import OTLPReceiver
 from prometheus_client.parser import text_string_to_metric_families
+from ray_loopback import HEAD_IP, loopback_environment, private_temp_dir, remove_temp_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -32,18 +36,22 @@ ROWS = [[6.8, 2.8, 4.8, 1.4]]
 def cluster():
     receiver = OTLPReceiver().__enter__()
     metrics_port, http_port = free_port(), free_port()
+    temp_dir = private_temp_dir()
     # Serve's own tracing, exporting (with the steps' spans) to the test's OTLP receiver. Set before ray.init,
     # so that every Ray process (proxy, controller, replicas) sees it.
     saved = dict(os.environ)
     os.environ.update({
+        **loopback_environment(),
         "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH": "kserve_otel.instrumentation.ray_serve.tracing:otlp_span_processors",
         "RAY_SERVE_TRACING_SAMPLING_RATIO": "1.0",
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_METRIC_EXPORT_INTERVAL": "500",
     })
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    # A cluster of the module's own ("local": never the one /tmp/ray/ray_current_cluster names) on a loopback
+    # node address, its files in a directory of its own.
+    ray.init(address="local", _node_ip_address=HEAD_IP, _temp_dir=temp_dir, num_cpus=2, include_dashboard=False,
+             log_to_driver=False, _metrics_export_port=metrics_port, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     instrumentor = RayServeInstrumentor()
     instrumentor.instrument()
     try:
@@ -56,8 +64,8 @@ def cluster():
         serve.run(RayIris.bind(), name="kserve", route_prefix="/kserve")
         serve.run(echo.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {
             "KSERVE_OTEL_RAY_METRICS": "otlp"}}}).bind(), name="otlp", route_prefix="/otlp")
-        yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
-               "receiver": receiver}
+        yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://{HEAD_IP}:{metrics_port}/metrics",
+               "receiver": receiver, "temp_dir": temp_dir}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -65,6 +73,7 @@ def cluster():
         os.environ.clear()
         os.environ.update(saved)
         receiver.__exit__(None, None, None)
+        remove_temp_dir(temp_dir)
 
 
 def post(url: str, body: object, headers: dict[str, str] | None = None) -> object:
@@ -89,6 +98,13 @@ def ray_counts(cluster, metric: str, wanted: float, **labels: str) -> dict[str, 
         if sum(counts.values()) >= wanted or time.monotonic() > deadline:
             return dict(counts)
         time.sleep(1)
+
+
+def test_the_cluster_is_the_modules_own_on_a_loopback_address(cluster):
+    (node,) = ray.nodes()
+    assert node["NodeManagerAddress"] == HEAD_IP and node["Alive"]
+    assert ray.get_runtime_context().gcs_address.startswith(f"{HEAD_IP}:")
+    assert "session_latest" in os.listdir(cluster["temp_dir"])  # its sessions and logs are not /tmp/ray's
 
 
 def test_step_counts_from_both_replicas_add_up_to_the_requests(cluster):

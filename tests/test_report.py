@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rich.console import Console
 from conftest import ROOT, KServeProcess, PrometheusProcess, free_port, wait_until
 
 from kserve_otel.cli.main import main
@@ -39,7 +40,8 @@ from kserve_otel.report.quantile import bucket_quantile
 from kserve_otel.report.scrapes import window_from_scrapes
 from kserve_otel.report.units import parse_bytes, parse_duration
 from kserve_otel.report.verdict import Limits, judge
-from kserve_otel.report.window import Gpu, Histogram, Window
+from kserve_otel.report.render import render
+from kserve_otel.report.window import Gpu, Histogram, Stopped, Window
 
 PROMETHEUS = "/usr/bin/prometheus"
 FAKE_NVML = os.path.join(ROOT, "tests", "fake_nvml")
@@ -560,6 +562,47 @@ def test_scrapes_of_a_ray_node_read_the_prefixed_families_and_the_batch_wait():
     assert window.errors == {("ray-model", "predict"): {"OSError": 2}}
     assert window.queue_source == "ray_request_batch_wait_seconds" and window.queue_wait.count == 20
     assert window.queue_wait.quantile(0.5) == pytest.approx(0.0175)
+
+
+def test_on_a_ray_node_the_dominant_step_is_named_with_its_deployment():
+    labels = 'model_name="ranker",application="ranker",replica="r{n}"'
+
+    def text(n: int) -> str:
+        return (_histogram_text("ray_request_preprocess_seconds", labels.format(n=1) + ',deployment="Gateway"',
+                                [0, 0, 0, 10 * n], 0.4 * n)
+                + _histogram_text("ray_request_predict_seconds", labels.format(n=2) + ',deployment="Scorer"',
+                                  [10 * n], 0.01 * n)
+                + _histogram_text("ray_request_predict_seconds", labels.format(n=3) + ',deployment="Scorer"',
+                                  [5 * n], 0.005 * n))
+
+    window = window_from_scrapes(_scrape(0, text(1)), _scrape(5, text(2)))
+    assert window.deployments == {("ranker", "preprocess"): ["Gateway"], ("ranker", "predict"): ["Scorer"]}
+    verdict = judge(analyse(window), None)
+    assert (verdict.dominant_step, verdict.deployments) == ("preprocess", ["Gateway"])
+    assert verdict.next.startswith("optimise preprocess of ranker (deployment Gateway): it takes 96.4%")
+
+
+def test_what_stopped_reporting_during_the_window_is_a_problem_the_verdict_names():
+    stopped = [Stopped("target", "10.0.0.3:8080", "no longer scraped", node="10.0.0.3", job="ray"),
+               Stopped("replica", "abc123", "no longer reported", node="10.0.0.3", deployment="Scorer",
+                       application="ranker")]
+    verdict = _verdict(_window(source="prometheus", stopped=stopped))
+    finding = verdict.findings[-1]
+    assert (finding.check, finding.status) == ("reporting", "problem")
+    assert finding.detail == ("stopped reporting during the window: target 10.0.0.3:8080 (node 10.0.0.3): no longer "
+                              "scraped; replica abc123 of Scorer (application ranker, node 10.0.0.3): no longer "
+                              "reported (the numbers cover only what still reports)")
+    window = _window(source="prometheus", stopped=stopped)
+    doc = document(window, analyse(window), verdict)
+    assert doc["server"]["stopped_reporting"][1] == {
+        "kind": "replica", "name": "abc123", "state": "no longer reported", "node": "10.0.0.3", "job": None,
+        "deployment": "Scorer", "application": "ranker"}
+    out = io.StringIO()
+    render(Console(file=out, width=300), window, analyse(window), verdict)
+    expected = "[!!] reporting: stopped reporting during the window: target 10.0.0.3:8080 (node 10.0.0.3)"
+    assert expected in out.getvalue()
+    assert _verdict(_window(source="prometheus", stopped=[])).findings[-1].status == "ok"
+    assert "reporting" not in {f.check for f in _verdict(_window()).findings}  # two scrapes cannot tell
 
 
 def _window(**overrides) -> Window:

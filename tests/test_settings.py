@@ -10,7 +10,14 @@ import pytest
 from kserve_otel import Settings, SettingsError
 from kserve_otel.annotations import parse_annotations, read_annotations
 from kserve_otel.names import KSERVE_BUCKETS
+from kserve_otel.problems import REPORTED_VARIABLE
 from kserve_otel.settings import SETTINGS_TABLE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_reports(monkeypatch):
+    """Each test starts as a new process tree: no problem reported yet, and none leaks into other tests."""
+    monkeypatch.delenv(REPORTED_VARIABLE, raising=False)
 
 
 @pytest.fixture
@@ -156,3 +163,90 @@ def test_unreadable_annotation_file_is_logged_and_empty(tmp_path: Path, caplog):
     with caplog.at_level(logging.ERROR):
         assert read_annotations(tmp_path) == {}  # a directory: exists, cannot be read as a file
     assert "cannot read pod annotations" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------- the zero-code path
+
+
+def forgiving(env: dict[str, str]) -> Settings:
+    return Settings.load_forgiving(environ={"KSERVE_OTEL_ANNOTATIONS_FILE": "/nonexistent", **env})
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("OTEL_TRACES_SAMPLER", "garbage"),
+    ("KSERVE_OTEL_TRACES_SAMPLER", "sometimes"),
+    ("OTEL_TRACES_SAMPLER_ARG", "2"),
+    ("OTEL_TRACES_EXPORTER", "zipkin"),
+])
+def test_zero_code_bad_tracing_setting_turns_off_span_export_only(variable, value, caplog):
+    env = {variable: value, "KSERVE_OTEL_METRICS_PORT": "9100"}
+    if variable != "OTEL_TRACES_EXPORTER":  # (the KSERVE_OTEL_ variable would win over that one)
+        env["KSERVE_OTEL_TRACES_EXPORTER"] = "console"
+    with caplog.at_level(logging.ERROR):
+        s = forgiving(env)
+    assert s.traces_exporter == ()  # kserve-otel exports no spans
+    assert (s.metrics_exporters, s.metrics_port) == (("prometheus",), 9100)  # the metrics are untouched
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("kserve-otel: setting ")
+    assert f"{value!r} from environment variable {variable} is not valid; accepted: " in line
+    assert line.endswith("kserve-otel exports no spans (metrics are not affected)")
+    with pytest.raises(SettingsError):  # code that resolves settings itself still gets the error
+        load(env)
+
+
+def test_zero_code_bad_metrics_port_falls_back_to_the_next_source_or_the_default(annotations: Path, caplog):
+    with caplog.at_level(logging.ERROR):
+        s = forgiving({"KSERVE_OTEL_METRICS_PORT": "abc", "KSERVE_OTEL_TRACES_EXPORTER": "console"})
+    assert (s.metrics_port, s.source_of("metrics_port")) == (8080, "default")  # KServe: the app's own port
+    assert s.traces_exporter == ("console",)  # tracing is untouched
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line == ("kserve-otel: setting metrics_port: 'abc' from environment variable KSERVE_OTEL_METRICS_PORT "
+                    "is not valid; accepted: a whole number from 0 to 65535 (0 picks a free port); using the "
+                    "default: the model server's own HTTP port under KServe, 8080 elsewhere")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        s = Settings.load_forgiving(environ={"KSERVE_OTEL_ANNOTATIONS_FILE": str(annotations),
+                                             "OTEL_EXPORTER_PROMETHEUS_PORT": "70000"})
+    assert s.metrics_port == 9091  # the pod annotation, which the scraper reads too
+    assert caplog.records[0].getMessage().endswith(
+        f"using 9091 from pod annotation prometheus.kserve.io/port in {annotations}")
+
+
+def test_zero_code_other_bad_values_use_the_default(caplog):
+    with caplog.at_level(logging.ERROR):
+        s = forgiving({"OTEL_METRICS_EXPORTER": "statsd", "KSERVE_OTEL_METRICS_PATH": "metrics",
+                       "KSERVE_OTEL_BUCKETS": "1,0.5"})
+    assert (s.metrics_exporters, s.metrics_path, s.buckets) == (("prometheus",), "/metrics", KSERVE_BUCKETS)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3
+    assert any("setting metrics_path: 'metrics'" in line and line.endswith("using the default /metrics")
+               for line in lines), lines
+
+
+def test_zero_code_problems_are_reported_once_per_process_tree(caplog, monkeypatch):
+    """KServe's worker processes resolve the same variables again: they inherit the note and stay quiet."""
+    import os
+
+    with caplog.at_level(logging.ERROR):
+        forgiving({"OTEL_TRACES_SAMPLER": "garbage"})
+        forgiving({"OTEL_TRACES_SAMPLER": "garbage"})
+        assert len(caplog.records) == 1
+        noted = os.environ[REPORTED_VARIABLE]  # what a spawned worker inherits
+        monkeypatch.setenv(REPORTED_VARIABLE, "")  # another process tree
+        forgiving({"OTEL_TRACES_SAMPLER": "garbage"})
+        assert len(caplog.records) == 2
+        monkeypatch.setenv(REPORTED_VARIABLE, noted)  # a worker of the first
+        forgiving({"OTEL_TRACES_SAMPLER": "garbage", "KSERVE_OTEL_METRICS_PORT": "abc"})
+        assert len(caplog.records) == 3  # only the new problem
+        assert "metrics_port" in caplog.records[-1].getMessage()
+
+
+def test_explicit_configure_still_raises_for_a_bad_variable(monkeypatch):
+    import kserve_otel
+
+    kserve_otel.shutdown()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "garbage")
+    monkeypatch.setenv("KSERVE_OTEL_ANNOTATIONS_FILE", "/nonexistent")
+    with pytest.raises(SettingsError, match="setting traces_sampler: 'garbage' from environment variable"):
+        kserve_otel.configure(metrics_port=0, metrics_host="127.0.0.1")
+    assert kserve_otel.get_telemetry() is None

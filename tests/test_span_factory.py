@@ -11,11 +11,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, Tracer, TracerProvider, _Span, sampling
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
 from kserve_otel import instrument_step, tracing
-from kserve_otel.span_factory import SpanFactory, span_factory
+from kserve_otel.span_factory import SpanFactory, SpanIds, span_factory, start_sampled_span, supports
 
 ATTRIBUTES = {"model_name": "iris", "kserve.step": "predict", "long": "abcdefgh"}
 
@@ -214,3 +214,64 @@ def test_the_sdks_own_span_metrics_count_factory_spans_alike(monkeypatch):
     }
     assert [value for _, value in points["otel.sdk.span.started"]] == [2]  # one series: same attributes
     assert all(value == 0 for _, value in points["otel.sdk.span.live"])  # both ended
+
+
+@pytest.mark.parametrize("remote", [None, True, False])
+def test_a_request_span_for_a_decided_trace_id_is_the_span_the_sdk_makes(remote):
+    """start_sampled_span: what Tracer.start_span makes (any kind, per-request attributes) once its sampler said
+    "sample", with the trace id the decision was made for, and the start processors see."""
+    exporter = InMemorySpanExporter()
+    provider, starts = provider_with(exporter)
+    tracer = provider.get_tracer("kserve-otel-test", "1")
+    attributes = {"url.path": "/v1/models/iris:predict", "server.port": 8080}
+    if remote is None:
+        parent, parent_span = None, None
+    else:
+        parent_span = SpanContext(0xABC, 0xDEF, is_remote=remote, trace_flags=TraceFlags(0x03),
+                                  trace_state=TraceState([("vendor", "v1")]))
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(parent_span))
+    sdk_made = tracer.start_span("POST /v1/models/{model_name}:predict", context=parent,
+                                 kind=trace.SpanKind.SERVER, attributes=attributes)
+    ours = start_sampled_span(tracer, SpanIds(tracer), "POST /v1/models/{model_name}:predict", parent, parent_span,
+                              0x1234 << 64 | 0x5678, trace.SpanKind.SERVER, attributes)
+    for span in (sdk_made, ours):
+        span.set_attribute("http.response.status_code", 200)
+        span.end()
+    sdk_made, factory_made = exporter.get_finished_spans()
+    assert comparable(factory_made) == comparable(sdk_made)
+    assert factory_made.context.trace_id == (0x1234 << 64 | 0x5678 if remote is None else 0xABC)
+    assert [parent_context for _, parent_context in starts.started] == [parent, parent]
+
+
+def test_a_factory_span_carries_the_trace_id_it_was_decided_for():
+    exporter = InMemorySpanExporter()
+    provider, _ = provider_with(exporter)
+    tracer = provider.get_tracer("kserve-otel-test", "1")
+    factory = span_factory(tracer, "predict iris", ATTRIBUTES)
+    assert isinstance(factory, SpanFactory)
+    factory.start(context_api.Context(), None, 0xFEED).end()
+    (span,) = exporter.get_finished_spans()
+    assert span.context.trace_id == 0xFEED and span.parent is None
+
+
+def test_span_ids_are_drawn_as_the_sdks_id_generator_draws_them():
+    import random
+
+    tracer = TracerProvider().get_tracer("kserve-otel-test")
+    assert type(tracer.id_generator) is RandomIdGenerator and supports(tracer)
+    state = random.getstate()
+    try:
+        random.seed(14)
+        ids = SpanIds(tracer)
+        ours = [ids.trace_id(), ids.span_id(), ids.trace_id()]
+        random.seed(14)
+        generator = RandomIdGenerator()
+        assert ours == [generator.generate_trace_id(), generator.generate_span_id(), generator.generate_trace_id()]
+    finally:
+        random.setstate(state)
+    assert ids.root_flags == (TraceFlags(TraceFlags.RANDOM_TRACE_ID),
+                              TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID))
+    counting = TracerProvider(id_generator=CountingIds()).get_tracer("kserve-otel-test")
+    ids = SpanIds(counting)
+    assert (ids.trace_id(), ids.span_id()) == (0x1001 << 64, 0x1002)
+    assert ids.root_flags == (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))

@@ -17,6 +17,8 @@ import time
 import uuid
 from bisect import bisect_left
 from collections import Counter
+import mmap
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +44,7 @@ class Impl:
     Histogram: Any
     HTTPRecorder: Any
     Request: Any
+    Counter: Any
 
 
 @pytest.fixture(params=["c", "python"])
@@ -50,8 +53,8 @@ def impl(request: pytest.FixtureRequest) -> Impl:
     if request.param == "c":
         from kserve_otel import _speedups
 
-        return Impl(_speedups.Histogram, _speedups.HTTPRecorder, _speedups.Request)
-    return Impl(speedups.PyHistogram, speedups.PyHTTPRecorder, speedups.PyRequest)
+        return Impl(_speedups.Histogram, _speedups.HTTPRecorder, _speedups.Request, _speedups.Counter)
+    return Impl(speedups.PyHistogram, speedups.PyHTTPRecorder, speedups.PyRequest, speedups.PyCounter)
 
 
 def _bucket_of(impl: Impl, value: float) -> int:
@@ -308,13 +311,20 @@ def test_the_request_is_the_apps_send_and_notes_the_status(impl: Impl) -> None:
     start = {"type": "http.response.start", "status": 201, "headers": []}
     body = {"type": "http.response.body", "body": b"{}", "status": 404}
     assert (request(start), request.status) == (sentinel, 201)
-    assert (request(body), request.status) == (sentinel, 201)  # only a response start sets it
-    assert sent == [start, body] and sent[0] is start
     time.sleep(0.02)
-    request.finish(scope)
+    partial = {"type": "http.response.body", "body": b"{", "more_body": True}
+    assert request(partial) is sentinel
+    assert metrics.duration("POST", route, 201).count == 0, "not answered yet"
+    assert (request(body), request.status) == (sentinel, 201)  # only a response start sets it
+    assert sent == [start, partial, body] and sent[0] is start
+    # counted as the last body message went out, before the client could see the answer complete
     counts, total, low, high, _, _ = metrics.duration("POST", route, 201).snapshot()
     assert sum(counts) == 1
     assert isinstance(total, float) and 0.02 <= total == low == high < 5.0
+    assert metrics.active("POST").value == 0
+    time.sleep(0.01)
+    request.finish(scope)  # the app returns: nothing more to count
+    assert metrics.duration("POST", route, 201).snapshot()[1] == total
     assert metrics.duration("POST", route, 500).count == 0
 
 
@@ -400,3 +410,67 @@ def test_the_recorder_follows_changes_of_the_global_propagator(impl: Impl, watch
     finally:
         propagate.set_global_textmap(original)
     assert (traced(b"x-custom-trace"), traced(b"traceparent")) == (False, True)
+
+
+# ------------------------------------------------------------------------------------ cells in a shared buffer
+
+
+def test_a_bound_histogram_counts_in_the_buffer_in_the_documented_layout(impl):
+    histogram = impl.Histogram(BOUNDS)
+    histogram.observe(0.2)
+    buffer = mmap.mmap(-1, 4096)
+    assert histogram.cells_size == 8 * 4 + 24
+    histogram.bind(buffer, 64)  # what was counted goes along
+    histogram.observe(2.0)
+    histogram.observe(0.05)
+
+    layout = struct.unpack_from("=4Q3d", buffer, 64)
+    assert layout == (1, 1, 0, 1, pytest.approx(2.25), 0.05, 2.0)
+    assert histogram.snapshot() == ((1, 1, 0, 1), pytest.approx(2.25), 0.05, 2.0, 0.05, 2.0)
+    assert histogram.count == 3
+    struct.pack_into("=Q", buffer, 64 + 8 * 3, 10)  # the buffer is where the counts live
+    assert histogram.count == 12
+
+
+def test_a_histogram_bound_without_carry_starts_again_from_nothing(impl):
+    histogram = impl.Histogram(BOUNDS)
+    histogram.observe(0.2)
+    fresh = bytearray(256)
+    fresh[:] = b"\xff" * 256  # whatever was there before is overwritten
+    histogram.bind(fresh, 8, carry=False)
+    assert histogram.snapshot() == EMPTY
+    histogram.observe(0.7)
+    assert struct.unpack_from("=4Q3d", fresh, 8) == (0, 0, 1, 0, 0.7, 0.7, 0.7)
+
+
+@pytest.mark.parametrize(("offset", "size"), [(4, 256), (0, 40), (-8, 256), (248, 256)])
+def test_bind_refuses_a_misaligned_or_short_place(impl, offset, size):
+    histogram = impl.Histogram(BOUNDS)
+    with pytest.raises(ValueError, match="do not fit, 8-byte aligned"):
+        histogram.bind(bytearray(size), offset)
+    with pytest.raises((TypeError, BufferError)):
+        histogram.bind(b"read-only bytes" * 10, 0)
+    histogram.observe(0.2)
+    assert histogram.count == 1, "a refused bind leaves the histogram as it was"
+
+
+def test_counter_adds_increments_decrements_and_binds(impl):
+    counter = impl.Counter()
+    seen: list[int] = []
+    counter.mirror = seen.append
+    counter.add(5)
+    counter.add()
+    counter.increment()
+    counter.decrement()
+    counter.decrement()
+    assert counter.value == 5 and seen == [5, 1], "the mirror sees add() only"
+    buffer = bytearray(16)
+    counter.bind(buffer, 8)
+    counter.add(-10)
+    assert counter.value == -5 and struct.unpack_from("=q", buffer, 8) == (-5,)
+    counter.bind(bytearray(8), 0, carry=False)
+    assert counter.value == 0
+    with pytest.raises(TypeError):
+        counter.add(1.5)
+    with pytest.raises(ValueError, match="do not fit"):
+        counter.bind(bytearray(8), 4)

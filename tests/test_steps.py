@@ -6,13 +6,14 @@ import asyncio
 import inspect
 import time
 import traceback
+import uuid
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from kserve_otel import instrument_step
-from kserve_otel.names import ERRORS_INSTRUMENT, FIRST_ITEM_INSTRUMENT, step_instrument_name
+from kserve_otel.names import ATTR_MODEL_NAME, ERRORS_INSTRUMENT, FIRST_ITEM_INSTRUMENT, step_instrument_name
 from kserve_otel.series import REGISTRY
 
 
@@ -535,3 +536,88 @@ def test_the_api_still_keeps_the_global_tracer_provider_where_tracing_reads_it()
         print("ok")
     """)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+# ----------------------------------------------------------------------------------------- past the series cap
+
+
+def _capped_model(step: str):
+    """A model class whose ``predict`` records ``step`` under each instance's ``name``."""
+
+    class Model:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @instrument_step(step)
+        def predict(self):
+            return self.name
+
+    return Model
+
+
+def test_past_the_series_cap_nothing_more_is_kept_per_model_name_and_totals_stay_exact():
+    """Issue 13 (5): 100k model names past the cap held 105,000 cached entries (+156 MB) for 2,001 series."""
+    import tracemalloc
+
+    from kserve_otel import steps
+    from kserve_otel.series import CARDINALITY_LIMIT
+    from kserve_otel.tracing import set_tracer_provider
+
+    step = f"cap_{uuid.uuid4().hex[:10]}"  # a family of its own: other tests' step families stay below the cap
+    Model = _capped_model(step)
+    recorder = inspect.getclosurevars(Model.predict).nonlocals["recorder"]
+    set_tracer_provider(trace.NoOpTracerProvider())  # metrics only: no span may hold memory here
+    try:
+        calls = 0
+        for i in range(CARDINALITY_LIMIT + 5):  # fill the family, and a few names past the cap
+            Model(f"model-{i}").predict()
+            calls += 1
+        cached_at_cap = sum(1 for key in steps._infos if key[0] == step)
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        for i in range(20_000):
+            assert Model(f"extra-{i}").predict() == f"extra-{i}"
+            calls += 1
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+    finally:
+        set_tracer_provider(None)
+
+    assert cached_at_cap == CARDINALITY_LIMIT
+    assert sum(1 for key in steps._infos if key[0] == step) == CARDINALITY_LIMIT
+    assert len(recorder._models) == CARDINALITY_LIMIT
+    retained = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert retained < 256 * 1024, f"{retained} bytes kept for 20,000 names past the cap"  # was about 30 MB
+    family = REGISTRY.get(step_instrument_name(step))
+    all_series = family.all_series()
+    assert len(all_series) == CARDINALITY_LIMIT + 1
+    assert sum(series.count for series in all_series) == calls  # every call counted, once
+    overflow = [s for s in all_series if s.attributes == {"otel.metric.overflow": True}]
+    assert len(overflow) == 1 and overflow[0].count == 20_005
+
+
+def test_a_model_past_the_cap_keeps_its_name_on_spans_and_is_recorded_once_when_nested(spans):
+    """Spans are not metrics: a step span of a model past the cap still names the model. A subclass calling
+    ``super().predict()`` (both instrumented) is recorded once there too, as below the cap."""
+    from kserve_otel.series import CARDINALITY_LIMIT
+
+    step = f"cap_{uuid.uuid4().hex[:10]}"
+    Base = _capped_model(step)
+
+    class Sub(Base):
+        @instrument_step(step)
+        def predict(self):
+            return super().predict()
+
+    for i in range(CARDINALITY_LIMIT):
+        Base(f"model-{i}").predict()
+    spans.clear()
+    assert Sub("over-the-cap").predict() == "over-the-cap"
+    assert Sub("over-the-cap").predict() == "over-the-cap"
+
+    finished = spans.get_finished_spans()
+    assert [s.name for s in finished] == [f"{step} over-the-cap"] * 2
+    assert all(s.attributes[ATTR_MODEL_NAME] == "over-the-cap" for s in finished)
+    overflow = [s for s in REGISTRY.get(step_instrument_name(step)).all_series()
+                if s.attributes == {"otel.metric.overflow": True}]
+    assert overflow[0].count == 2

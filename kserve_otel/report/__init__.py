@@ -7,7 +7,8 @@ interval apart) or from Prometheus, and says which step dominates, whether the S
 next, as a table or as JSON, with an exit status a CI job can gate on.
 
 Modules, in the order the data flows: :mod:`.fetch` and :mod:`.exposition` (getting metrics),
-:mod:`.scrapes` and :mod:`.prometheus` (a :class:`~.window.Window` from either source), :mod:`.quantile`
+:mod:`.scrapes` and :mod:`.prometheus` (a :class:`~.window.Window` from either source; :mod:`.reporting`,
+what stopped reporting, from Prometheus), :mod:`.quantile`
 (Prometheus' ``histogram_quantile``), :mod:`.analysis` (the numbers), :mod:`.verdict` (the judgement),
 :mod:`.render` and :mod:`.document` (table and JSON), :mod:`.command` (all of it, with the exit status).
 """

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .window import QUANTILES, Gpu, Histogram, Window
+from .window import QUANTILES, Gpu, Histogram, Stopped, Window
 
 
 @dataclass
@@ -56,6 +56,8 @@ class ModelStats:
     busy: float
     dominant_step: str | None
     steps: list[StepStats]
+    #: step -> the Ray Serve deployments whose replicas ran it (Ray's series only).
+    step_deployments: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +83,8 @@ class ServerStats:
     processes: int
     process_source: str | None
     gpus: list[Gpu]
+    #: Targets and Ray Serve replicas that reported during the window and no longer do (None: not known).
+    stopped_reporting: list[Stopped] | None = None
 
 
 @dataclass
@@ -113,6 +117,8 @@ def _model(window: Window, model: str) -> ModelStats:
         busy=total_time / window.seconds,
         dominant_step=max(ran, key=lambda step: step.time_share).step if ran and total_time > 0 else None,
         steps=steps,
+        step_deployments={step: list(window.deployments[(model, step)]) for step in names
+                          if (model, step) in window.deployments},
     )
 
 
@@ -148,6 +154,7 @@ def _server(window: Window, models: list[ModelStats]) -> ServerStats:
         queue_wait_p99_seconds=_quantile(queue, 0.99),
         cpu_cores=window.cpu_cores, memory_bytes=window.memory_bytes, processes=window.processes,
         process_source=window.process_source, gpus=list(window.gpus),
+        stopped_reporting=list(window.stopped) if window.stopped is not None else None,
     )
 
 

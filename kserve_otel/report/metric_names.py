@@ -21,6 +21,10 @@ from ..names import KSERVE_STEPS, LABEL_MODEL_NAME
 STEP_BUCKET = re.compile(r"^(ray_)?request_([a-z][a-z0-9_]*)_seconds_bucket$")
 #: The same, as a PromQL regular expression of ``__name__``.
 STEP_BUCKET_PROMQL = "(ray_)?request_[a-z][a-z0-9_]*_seconds_bucket"
+#: Their ``_count`` series.
+STEP_COUNT_PROMQL = "(ray_)?request_[a-z][a-z0-9_]*_seconds_count"
+#: The label Ray Serve puts on a replica's series: the deployment it belongs to.
+DEPLOYMENT_LABEL = "deployment"
 #: ``request_<name>_seconds`` families that are not steps (they have a ``step`` label as well).
 NOT_STEPS = frozenset({"time_to_first_item", "batch_wait", "batch_execution"})
 RAY_PREFIX = "ray_"

@@ -21,6 +21,7 @@ from ..names import LABEL_ERROR_TYPE, LABEL_MODEL_NAME, LABEL_STEP
 from . import metric_names
 from .errors import ReportError
 from .fetch import HTTPStatusError, get
+from .reporting import stopped_reporting
 from .units import promql_duration
 from .window import QUANTILES, Histogram, Window, gpus_from
 
@@ -102,6 +103,7 @@ class PrometheusWindow:
             family = f"{prefix}request_{step}_seconds"
             for (model,), histogram in self.histograms(family, (LABEL_MODEL_NAME,), QUANTILES, NO_STEP).items():
                 window.steps[(model, str(step))] = histogram
+            self._deployments(window, family, str(step))
         if not window.steps:
             raise ReportError(self._no_steps())
         errors = self.api.query(f"sum by ({LABEL_MODEL_NAME}, {LABEL_STEP}, {LABEL_ERROR_TYPE}) "
@@ -122,7 +124,18 @@ class PrometheusWindow:
                 break
         self._process(window)
         window.gpus = gpus_from(lambda name: self.api.query(self.select(name)))
+        window.stopped = stopped_reporting(self.api.query, self.select, self.range, promql_duration(self.seconds / 4))
         return window
+
+    def _deployments(self, window: Window, family: str, step: str) -> None:
+        """The Ray Serve deployments whose replicas ran ``step`` during the window, per model."""
+        deployment = metric_names.DEPLOYMENT_LABEL
+        counts = self.select(family + "_count", NO_STEP, f'{deployment}!=""')
+        ran = self.api.query(f"count by ({LABEL_MODEL_NAME}, {deployment}) (increase({counts}[{self.range}]) > 0)")
+        for labels, _ in ran:
+            window.deployments.setdefault((labels.get(LABEL_MODEL_NAME, ""), step), []).append(labels[deployment])
+        for names in window.deployments.values():
+            names.sort()
 
     def histograms(self, family: str, by: tuple[str, ...], quantiles: tuple[float, ...], *matchers: str,
                    scale: float = 1.0) -> dict[tuple[str, ...], Histogram]:

@@ -95,7 +95,7 @@ def _print_verdict(console: Console, verdict: Verdict) -> None:
         console.print(f"  {check.scope}: {check.basis} {format_seconds(check.p99_seconds)} {mark} "
                       f"{format_seconds(verdict.slo_seconds)}")
     if verdict.dominant_step is not None:
-        console.print(Text(f"Dominant step: {verdict.dominant_step} of {verdict.model} "
+        console.print(Text(f"Dominant step: {verdict.dominant} "
                            f"({format_ratio(verdict.dominant_share)} of the time in its steps, p99 "
                            f"{format_seconds(verdict.dominant_p99_seconds)})", style="bold"))
     for finding in verdict.findings:

@@ -39,8 +39,13 @@ def window_from_scrapes(first: Scrape, second: Scrape) -> Window:
     window = Window("scrape", second.url, seconds, second.wall_time, prefix=prefix)
     for name in sorted(name for name in step_names if metric_names.prefix_of(name) == prefix):
         step = str(metric_names.step_of(name))
-        for model, histogram in _histograms(first, second, name.removesuffix("_bucket"), _by_model).items():
+        family = name.removesuffix("_bucket")
+        for model, histogram in _histograms(first, second, family, _by_model).items():
             window.steps[(str(model), step)] = histogram
+        for (model, deployment), count in sorted(_increases(first, second, f"{family}_count",  # type: ignore[misc]
+                                                            _by_model_and_deployment).items()):
+            if count > 0:
+                window.deployments.setdefault((model, step), []).append(deployment)
     if not window.steps:
         raise ReportError(_no_steps(second.url))
     errors = _increases(first, second, prefix + metric_names.ERRORS_METRIC, _by_error)
@@ -79,6 +84,12 @@ def _step_names(scrape: Scrape) -> set[str]:
 
 def _by_model(labels: Labels) -> Key | None:
     return metric_names.model_of(labels) if LABEL_STEP not in labels else None
+
+
+def _by_model_and_deployment(labels: Labels) -> Key | None:
+    """A Ray Serve replica's step series: (model, deployment)."""
+    model, deployment = _by_model(labels), labels.get(metric_names.DEPLOYMENT_LABEL)
+    return (model, deployment) if model and deployment else None
 
 
 def _by_model_and_step(labels: Labels) -> Key | None:

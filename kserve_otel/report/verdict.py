@@ -13,6 +13,10 @@ The SLO is checked on two measures when they exist, and the report names each: p
 steps' p99s (an upper-bound estimate of its end-to-end p99, exact when the slow requests are slow in every
 step); for the server, the p99 of ``http_server_request_duration_seconds`` over inference (POST) requests,
 measured end to end inside the server. The SLO is breached when any of them is above it.
+
+Over a cluster (``--prometheus``) one more finding, ``reporting``, names the scrape targets (Ray nodes) and
+Ray Serve replicas that reported during the window and no longer do: the numbers then cover fewer processes.
+On Ray Serve the dominant step is named with the deployments whose replicas ran it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from dataclasses import dataclass, field
 
 from .analysis import Analysis, ModelStats
 from .errors import EXIT_UNUSABLE
+from .reporting import describe
 from .units import format_bytes, format_number, format_ratio, format_seconds
+from .window import Stopped
 
 EXIT_OK, EXIT_BREACHED = 0, 1
 
@@ -75,6 +81,16 @@ class Verdict:
     findings: list[Finding] = field(default_factory=list)
     next: str = ""
     exit_code: int = EXIT_OK
+    #: The Ray Serve deployments whose replicas ran the dominant step (empty elsewhere).
+    deployments: list[str] = field(default_factory=list)
+
+    @property
+    def dominant(self) -> str:
+        """``predict of iris``, or ``predict of iris (deployment Scorer)`` on Ray Serve."""
+        where = ""
+        if self.deployments:
+            where = f" (deployment{'s' if len(self.deployments) > 1 else ''} {', '.join(self.deployments)})"
+        return f"{self.dominant_step} of {self.model}{where}"
 
 
 def judge(analysis: Analysis, slo_seconds: float | None, limits: Limits | None = None) -> Verdict:
@@ -94,12 +110,15 @@ def judge(analysis: Analysis, slo_seconds: float | None, limits: Limits | None =
         dominant_share=dominant.time_share if dominant else None,
         dominant_p99_seconds=dominant.p99_seconds if dominant else None,
         exit_code={"breached": EXIT_BREACHED, "not checked": EXIT_UNUSABLE}.get(status, EXIT_OK),
+        deployments=list(focus.step_deployments.get(dominant.step, [])) if focus and dominant else [],
     )
     reference_p99 = max((check.p99_seconds for check in checks), default=None)
     verdict.findings = [
         _concurrency(analysis, limits), _cpu(analysis, limits), _memory(analysis, limits), _gpu(analysis, limits),
         _queue(analysis, limits, reference_p99), _steps(verdict), _errors(analysis),
     ]
+    if analysis.server.stopped_reporting is not None:
+        verdict.findings.append(_reporting(analysis.server.stopped_reporting))
     verdict.next = _next(analysis, verdict)
     return verdict
 
@@ -203,9 +222,17 @@ def _steps(verdict: Verdict) -> Finding:
     if verdict.dominant_step is None:
         return Finding("steps", UNKNOWN, "no step ran during the window")
     status = PROBLEM if verdict.slo_status == "breached" else OK
-    return Finding("steps", status, f"{verdict.dominant_step} of {verdict.model} takes "
+    return Finding("steps", status, f"{verdict.dominant} takes "
                    f"{format_ratio(verdict.dominant_share)} of the time in its steps (p99 "
                    f"{format_seconds(verdict.dominant_p99_seconds)})")
+
+
+def _reporting(stopped: list[Stopped]) -> Finding:
+    if stopped:
+        return Finding("reporting", PROBLEM, "stopped reporting during the window: "
+                       + "; ".join(describe(item) for item in stopped)
+                       + " (the numbers cover only what still reports)")
+    return Finding("reporting", OK, "every target and Ray Serve replica that reported during the window still does")
 
 
 def _errors(analysis: Analysis) -> Finding:
@@ -236,5 +263,5 @@ def _next(analysis: Analysis, verdict: Verdict) -> str:
             return f"{advice[finding.check]} ({finding.detail})"
     if verdict.dominant_step is None:
         return "no time was measured in any step: check that the steps are instrumented"
-    return (f"optimise {verdict.dominant_step} of {verdict.model}: it takes {format_ratio(verdict.dominant_share)} "
+    return (f"optimise {verdict.dominant}: it takes {format_ratio(verdict.dominant_share)} "
             f"of the time in the steps (p99 {format_seconds(verdict.dominant_p99_seconds)})")

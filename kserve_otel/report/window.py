@@ -50,6 +50,23 @@ class Gpu:
 
 
 @dataclass
+class Stopped:
+    """A scrape target or a Ray Serve replica that reported during the window and no longer does."""
+
+    kind: str  # "target" or "replica"
+    #: The target's instance (host:port) or the replica's id.
+    name: str
+    #: target: "down" or "no longer scraped"; replica (in the window's last quarter): "unhealthy" or "no longer
+    #: reported".
+    state: str
+    #: The Ray node it ran on (Ray's NodeAddress label), when its series say.
+    node: str | None = None
+    job: str | None = None
+    deployment: str | None = None
+    application: str | None = None
+
+
+@dataclass
 class Window:
     """Everything the report knows about ``seconds`` of a model server's (or a fleet's) life."""
 
@@ -78,6 +95,10 @@ class Window:
     selector: str = ""
     #: "" or "ray_": the spelling of kserve-otel's families in the source (see metric_names).
     prefix: str = ""
+    #: (model, step) -> the Ray Serve deployments whose replicas ran it during the window (Ray's series only).
+    deployments: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    #: What reported during the window and no longer does (None: not known, as from two scrapes of one endpoint).
+    stopped: list[Stopped] | None = None
 
     def models(self) -> list[str]:
         return sorted({model for model, _ in self.steps})

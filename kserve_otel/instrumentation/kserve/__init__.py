@@ -22,7 +22,8 @@ What a stock KServe model server then has:
   ``request_step_errors_total{model_name, step, error_type}``.
 * the endpoint on the annotated port and path (``prometheus.kserve.io/port``, ``prometheus.kserve.io/path``):
   inside the model server's REST app when that port is the model server's own (8080 by default), on a port of
-  its own otherwise. With ``workers > 1`` every scrape shows the sum over all worker processes.
+  its own otherwise; when that port cannot be used (busy, an invalid host), inside the REST app after all,
+  said in the one error line. With ``workers > 1`` every scrape shows the sum over all worker processes.
 * a SERVER span per REST (v1, v2) and gRPC inference request, continuing an incoming ``traceparent`` (or
   Istio's B3 headers), with a child span per step; calls from a transformer to its predictor carry the trace
   context, so both form one trace.
@@ -36,7 +37,9 @@ Configuration
 go when the server starts; the rest comes from ``KSERVE_OTEL_*``/``OTEL_*`` variables and pod annotations.
 Telemetry is configured when ``ModelServer.start`` runs, unless the application called
 ``kserve_otel.configure()`` before. ``tracer_provider`` and ``meter_provider`` are honoured as in every
-OpenTelemetry instrumentor. ``uninstrument()`` restores KServe exactly, its own histograms included.
+OpenTelemetry instrumentor. ``uninstrument()`` restores KServe exactly, its own histograms included, in a
+running server too: its ``/metrics`` is KServe's own again and kserve-otel lets every request through
+untouched until ``instrument()`` is called again.
 """
 
 from __future__ import annotations
@@ -104,4 +107,6 @@ def instrument_on_import(module: object = None) -> None:
 
     instrumentor = KServeInstrumentor()
     if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument(print_summary=multiprocessing.parent_process() is None)
+        # No code of the user's to raise into: a bad variable is one line and turns off only what it configures.
+        settings = Settings.load_forgiving()
+        instrumentor.instrument(settings=settings, print_summary=multiprocessing.parent_process() is None)

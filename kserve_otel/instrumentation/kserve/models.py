@@ -19,6 +19,7 @@ import contextlib
 import logging
 from typing import Any
 
+from ...exposition import GLOBAL_REGISTRY_WINS
 from ...steps import STEP_ATTRIBUTE, instrument_step
 
 _logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class ModelPatcher:
             setattr(kserve_model, global_name, _NO_TIMER)
             with contextlib.suppress(KeyError):  # not registered (another registry, or unregistered by hand)
                 REGISTRY.unregister(histogram)
+            GLOBAL_REGISTRY_WINS.discard(histogram._name)
 
     def patch_class(self, cls: type) -> None:
         """Wrap the handlers ``cls`` itself defines (inherited ones are wrapped on the class defining them)."""
@@ -116,6 +118,7 @@ class ModelPatcher:
         self._patched.clear()
         for global_name, histogram in self._timers.items():
             setattr(kserve_model, global_name, histogram)
+            GLOBAL_REGISTRY_WINS.add(histogram._name)  # counting again; this package's family stands still
             try:
                 REGISTRY.register(histogram)
             except ValueError:  # already registered again by someone else

@@ -3,16 +3,23 @@
 * ``ModelServer.start``: configures telemetry (unless the application did) and decides where the Prometheus
   endpoint goes. When the annotated port is the model server's own HTTP port (KServe's default, 8080), the
   REST app answers the metrics path itself; otherwise the endpoint runs on the annotated port, served by the
-  parent process.
+  parent process. If that port cannot be used (busy, or an invalid host), the REST app answers the metrics
+  path instead, as KServe itself would, and the one error line says so: the step metrics, which replaced
+  KServe's own, are never served nowhere.
 * ``RESTServer.create_application``: adds a request span per REST request (v1, v2 and the rest) and, on the
   model server's port, the metrics path. That path serves this package's registry plus prometheus_client's
   global one (process metrics, a model's own metrics) without KServe's step histograms, which
   :mod:`.models` replaced: every series exactly once.
 * ``InferenceServicer.ModelInfer``: a request span per gRPC inference.
+* ``uninstrument()`` in a running server: Starlette builds an app's middleware once, and grpc binds its
+  handlers at start, so what was added stays in place but asks :data:`SWITCH` on every request and, switched
+  off, passes the request on untouched. The metrics path then reaches KServe's own handler, which serves
+  KServe's restored histograms; ``instrument()`` switches everything on again.
 * ``workers > 1``: KServe spawns worker processes that unpickle the data plane. A small object pickled with it
   instruments each worker as it arrives there, with the parent's settings, and every process (the parent
-  serves gRPC) joins a :class:`~kserve_otel.peers.PeerExchange`: whichever process a scrape reaches answers
-  with the sum over all of them, so the scraped counts equal the requests served (kserve#2979).
+  serves gRPC) keeps its series in a shared file (:class:`~kserve_otel.series_files.SharedSeries`): whichever
+  process a scrape reaches answers with the sum over all of them, dead or alive, so the scraped counts equal the
+  requests served and never go back when a worker dies or stalls (kserve#2979).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import functools
 import logging
 import shutil
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from opentelemetry.instrumentation.utils import unwrap
@@ -29,7 +37,7 @@ from opentelemetry.trace import Span
 from wrapt import wrap_function_wrapper
 
 from ... import propagation, tracing
-from ...exposition import MetricsMiddleware, Scope
+from ...exposition import ASGIApp, MetricsMiddleware, Receive, Scope, Send
 from ...names import ATTR_MODEL_NAME
 from ...request_spans import RequestSpanMiddleware
 from ...settings import Settings, SettingsError
@@ -44,6 +52,21 @@ ATTR_PROTOCOL = "kserve.protocol"
 PROBE_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready"})
 GRPC_SERVICE = "inference.GRPCInferenceService"
 _CHILD_ATTRIBUTE = "_kserve_otel_worker_setup"
+
+
+class Switch:
+    """Whether the KServe instrumentation is on in this process: the layers it put into a running server (REST
+    middleware, the gRPC handler) ask it on every request, since they cannot be taken out again.
+
+    FastAPI's own telemetry stays off on KServe's app after ``uninstrument()``: switched back on, it would
+    record into the meter provider kserve-otel installed, under the names of kserve-otel's HTTP metrics."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+#: The process's one switch.
+SWITCH = Switch()
 
 
 class ServerHooks:
@@ -71,12 +94,14 @@ class ServerHooks:
         # grpc.aio awaits a handler only if it is a coroutine function: replace it with one, not a proxy.
         self._model_infer = InferenceServicer.__dict__["ModelInfer"]
         InferenceServicer.ModelInfer = _traced_model_infer(self._model_infer)  # type: ignore[method-assign]
+        SWITCH.on = True
 
     def unpatch(self) -> None:
         import kserve.model_server
         import kserve.protocol.rest.server
         from kserve.protocol.grpc.servicer import InferenceServicer
 
+        SWITCH.on = False
         unwrap(kserve.model_server.ModelServer, "start")
         unwrap(kserve.protocol.rest.server.RESTServer, "create_application")
         if self._model_infer is not None:
@@ -106,17 +131,19 @@ class ServerHooks:
         # Unset, the port is "the model server's own" (KServe's annotations default to it): follow --http_port.
         own_port = settings.source_of("metrics_port") == "default" or settings.metrics_port == server.http_port
         self.mount_endpoint = prometheus and own_port
-        if server.workers > 1:
-            from ...peers import PeerExchange
-
-            directory = PeerExchange.create_directory()
-            atexit.register(shutil.rmtree, directory, ignore_errors=True)  # runs after the exchange's own stop
-            exchange = PeerExchange(directory)
-            exchange.start()
-            telemetry.merge_peers(exchange)
-            setattr(server.dataplane, _CHILD_ATTRIBUTE, WorkerSetup(settings, directory, self.mount_endpoint))
         if prometheus and not self.mount_endpoint and telemetry.metrics_server is None:
-            telemetry.start_endpoint(include_global_registry=True)
+            # Before the worker set-up below is made: workers build their apps with the endpoint or without.
+            fallback = f"the model server's port {server.http_port}"
+            self.mount_endpoint = not telemetry.start_endpoint(include_global_registry=True, fallback=fallback)
+        if server.workers > 1:
+            from ...series_files import SharedSeries, create_directory
+
+            directory = create_directory()
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+            shared = SharedSeries(directory)
+            shared.start()
+            telemetry.merge_peers(shared)
+            setattr(server.dataplane, _CHILD_ATTRIBUTE, WorkerSetup(settings, directory, self.mount_endpoint))
         summary = telemetry.summary(http_port=server.http_port if self.mount_endpoint else None)
         _logger.info("%s", summary)
         if self.print_summary:
@@ -144,9 +171,29 @@ class ServerHooks:
         quiet_fastapi_telemetry(app)
         telemetry = self.telemetry()
         path = telemetry.settings.metrics_path
-        app.add_middleware(RequestSpanMiddleware, on_end=_rest_attributes, excluded_paths=PROBE_PATHS | {path})
-        if self.mount_endpoint:
-            app.add_middleware(MetricsMiddleware, registry=served_collector, path=path)
+        mount_endpoint = self.mount_endpoint
+
+        def instrumented(inner: ASGIApp) -> ASGIApp:
+            outer: ASGIApp = RequestSpanMiddleware(
+                inner, on_end=_rest_attributes, excluded_paths=PROBE_PATHS | {path})
+            if mount_endpoint:
+                outer = MetricsMiddleware(outer, registry=served_collector, path=path)
+            return outer
+
+        app.add_middleware(WhileInstrumented, instrumented=instrumented)
+
+
+class WhileInstrumented:
+    """The one ASGI layer kserve-otel adds to KServe's app: requests go through ``instrumented(app)`` while
+    :data:`SWITCH` is on, straight to ``app`` otherwise. Returning the chosen app's coroutine (rather than
+    awaiting it in a coroutine of its own) keeps the layer at one attribute test a request."""
+
+    def __init__(self, app: ASGIApp, instrumented: Callable[[ASGIApp], ASGIApp]) -> None:
+        self.app = app
+        self.instrumented = instrumented(app)
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        return (self.instrumented if SWITCH.on else self.app)(scope, receive, send)
 
 
 def _rest_attributes(span: Span, scope: Scope) -> None:
@@ -162,6 +209,8 @@ def _rest_attributes(span: Span, scope: Scope) -> None:
 def _traced_model_infer(model_infer: Any) -> Any:
     @functools.wraps(model_infer)
     async def ModelInfer(self: Any, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's method name
+        if not SWITCH.on:  # uninstrumented since the server bound this handler
+            return await model_infer(self, request, context)
         carrier = {m.key: m.value for m in context.invocation_metadata() or ()}
         span, token = tracing.start_server_span(
             f"{GRPC_SERVICE}/ModelInfer", lambda: _grpc_attributes(request), propagation.extract(carrier)
@@ -207,7 +256,7 @@ class WorkerSetup:
 def _set_up_worker(settings: Settings, directory: str, mount_endpoint: bool) -> WorkerSetup:
     """Runs in a worker process while it unpickles the data plane, before it builds its REST app."""
     try:
-        from ...peers import PeerExchange
+        from ...series_files import DirectoryRefused, SharedSeries
         from . import KServeInstrumentor
 
         instrumentor = KServeInstrumentor()
@@ -217,9 +266,13 @@ def _set_up_worker(settings: Settings, directory: str, mount_endpoint: bool) -> 
         if hooks is not None:
             hooks.mount_endpoint = mount_endpoint
         telemetry = get_telemetry() or configure(settings, serve_endpoint=False)
-        exchange = PeerExchange(directory)
-        exchange.start()
-        telemetry.merge_peers(exchange)
+        shared = SharedSeries(directory)
+        try:
+            shared.start()
+        except DirectoryRefused as refused:
+            _logger.error("kserve-otel: %s; this worker's metrics are served by this worker alone", refused)
+        else:
+            telemetry.merge_peers(shared)
     except Exception:  # noqa: BLE001 - a worker must serve even if its telemetry cannot be set up
         _logger.exception("kserve-otel: instrumenting a KServe worker process failed; it serves without it")
     return WorkerSetup(settings, directory, mount_endpoint)

@@ -31,6 +31,9 @@ What is instrumented, in the replicas themselves (see :mod:`.replica` for why an
   ``kserve_otel.instrumentation.ray_serve.tracing:otlp_span_processors``), which also carries the trace across
   ``DeploymentHandle`` calls; otherwise the ``traceparent`` of the HTTP request. The ``TracerProvider`` Serve
   installs in a replica is used as it is (span processors are added to it, never a new provider).
+
+A driver that never instruments Ray Serve still gets the ``@instrument_step`` steps of its replicas into Ray's
+metrics, with one warning in each such replica's log saying what else it misses (:mod:`.adoption`).
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def _ray_metric(family: _Family) -> Any:
     return metric
 
 
-def _mirror(family: _Family, attributes: dict[str, object]) -> Callable[[float], object] | None:
+def mirror_into_ray(family: _Family, attributes: dict[str, object]) -> Callable[[float], object] | None:
+    """The mirror factory of a replica: each series of a histogram or counter family into a Ray metric."""
     if isinstance(family, UpDownCounterFamily) or not isinstance(family, (HistogramFamily, CounterFamily)):
         return None
     if "otel.metric.overflow" in attributes:
@@ -65,7 +66,7 @@ def _mirror(family: _Family, attributes: dict[str, object]) -> Callable[[float],
 
 def forward_to_ray() -> None:
     """From now on, every step series of this process is mirrored into Ray's metrics."""
-    set_mirror_factory(_mirror)
+    set_mirror_factory(mirror_into_ray)
 
 
 def stop_forwarding() -> None:

@@ -1,0 +1,113 @@
+"""Series as plain data: the cumulative state of a registry, or of another process's series file, and their sum.
+
+Why it exists: a scrape of one process of a multi-process server answers for all of them
+(:mod:`kserve_otel.series_files`). Each process's series become a *snapshot* (a list of families, JSON-able
+dicts) and the snapshots are added up here; :mod:`kserve_otel.metrics_bridge` turns the sum into OpenTelemetry
+metric data. A family is ``{"name", "kind", "description", "unit", "label_names", "series"}`` (histograms add
+``"bounds"``); a histogram series is ``{"attributes", "start", "counts", "sum", "min", "max"}`` (min and max
+``None`` when nothing was observed), a counter's ``{"attributes", "start", "value"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from .series import CounterFamily, HistogramFamily, SeriesRegistry
+
+logger = logging.getLogger(__name__)
+
+Snapshot = list[dict[str, Any]]
+
+_WARN_INTERVAL = 300.0  # seconds between two warnings about the same thing
+_last_warned: dict[str, float] = {}
+
+
+def warn_now_and_then(key: str, message: str, *args: object) -> None:
+    """Log a warning, or a debug line if the same ``key`` warned less than five minutes ago."""
+    now = time.monotonic()
+    repeated = now - _last_warned.get(key, -math.inf) < _WARN_INTERVAL
+    if not repeated:
+        _last_warned[key] = now
+    logger.log(logging.DEBUG if repeated else logging.WARNING, message, *args)
+
+
+def family_entry(family: Any) -> dict[str, Any]:
+    """A family's description in a snapshot, without its series."""
+    entry: dict[str, Any] = {
+        "name": family.name, "kind": family.kind, "description": family.description, "unit": family.unit,
+        "label_names": list(family.label_names), "series": [],
+    }
+    if isinstance(family, HistogramFamily):
+        entry["bounds"] = list(family.bounds)
+    return entry
+
+
+def histogram_entry(attributes: dict[str, Any], start: int, counts: Iterable[int], total: float, low: float,
+                    high: float) -> dict[str, Any]:
+    """A histogram series in a snapshot."""
+    return {"attributes": attributes, "start": start, "counts": list(counts), "sum": total,
+            "min": low if math.isfinite(low) else None, "max": high if math.isfinite(high) else None}
+
+
+def snapshot_registry(registry: SeriesRegistry) -> Snapshot:
+    """The cumulative state of ``registry``: one family per family that has series; histogram series that
+    observed nothing are left out."""
+    snapshot = []
+    for family in registry.families():
+        entry = family_entry(family)
+        if isinstance(family, HistogramFamily):
+            for series in family.all_series():
+                counts, total, low, high, _, _ = series.snapshot()  # never resets: delta readers own that
+                if sum(counts):
+                    entry["series"].append(
+                        histogram_entry(dict(series.attributes), series.start_time_ns, counts, total, low, high))
+        elif isinstance(family, CounterFamily):
+            entry["series"] = [
+                {"attributes": dict(s.attributes), "start": s.start_time_ns, "value": s.value}
+                for s in family.all_series()
+            ]
+        if entry["series"]:
+            snapshot.append(entry)
+    return snapshot
+
+
+def merge_snapshots(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """Add snapshots up: families by name, series by attributes, both in the order first seen."""
+    families: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
+    for snapshot in snapshots:
+        for family in snapshot:
+            if family["name"] not in families:
+                families[family["name"]] = ({**family, "series": []}, {})
+            merged, by_attributes = families[family["name"]]
+            if family["kind"] != merged["kind"] or family.get("bounds") != merged.get("bounds"):
+                warn_now_and_then(f"merge {family['name']}", "cannot merge metric %s: its kind or bounds differ "
+                                  "between processes; skipping one process's series", family["name"])
+                continue
+            for series in family["series"]:
+                key = json.dumps(series["attributes"], sort_keys=True)
+                into = by_attributes.get(key)
+                if into is None:
+                    by_attributes[key] = into = {**series, "attributes": dict(series["attributes"])}
+                    if "counts" in series:
+                        into["counts"] = list(series["counts"])
+                    merged["series"].append(into)
+                    continue
+                into["start"] = min(into["start"], series["start"])
+                if "value" in series:
+                    into["value"] += series["value"]
+                    continue
+                into["counts"] = [a + b for a, b in zip(into["counts"], series["counts"], strict=True)]
+                into["sum"] += series["sum"]
+                into["min"] = min((v for v in (into["min"], series["min"]) if v is not None), default=None)
+                into["max"] = max((v for v in (into["max"], series["max"]) if v is not None), default=None)
+    return [merged for merged, _ in families.values()]
+
+
+def without_gauges(snapshot: Snapshot) -> Snapshot:
+    """``snapshot`` less its up-down counters (requests in flight): what a process that ended leaves counted."""
+    return [family for family in snapshot if family["kind"] != "updowncounter"]
