@@ -30,8 +30,14 @@ PREDICT_PATH = f"/v1/models/{MODEL_NAME}:predict"
 READY_PATHS = {"starlette": "/ready", "kserve": f"/v1/models/{MODEL_NAME}", "kserve2w": f"/v1/models/{MODEL_NAME}"}
 KINDS = (
     "starlette", "starlette-instrumented", "starlette-passthrough", "starlette-status-layer",
-    "kserve", "kserve-instrumented", "kserve2w", "kserve2w-instrumented",
+    "kserve", "kserve-instrumented", "kserve-traced", "kserve-ratio", "kserve2w", "kserve2w-instrumented",
+    "starlette-traced", "starlette-contrib",
 )
+#: Kinds whose spans are exported, by OTLP/HTTP to the receiver at ``BENCH_OTLP_ENDPOINT``, and their sampler.
+TRACED = {"kserve-traced": "always_on", "kserve-ratio": "parentbased_traceidratio",
+          "starlette-traced": "always_on", "starlette-contrib": "always_on"}
+#: Spans one request makes, for each traced kind whose requests are all sampled: the count the receiver must get.
+SPANS_PER_REQUEST = {"kserve-traced": 4, "starlette-traced": 1}
 #: The request body: two iris rows, as in KServe's sklearn example.
 REQUEST_BODY = b'{"instances": [[6.8, 2.8, 4.8, 1.4], [6.0, 3.4, 4.5, 1.6]]}'
 
@@ -46,7 +52,11 @@ def _predictions(payload: dict[str, Any]) -> dict[str, Any]:
 def pending(kind: str) -> str | None:
     """Why ``kind`` cannot be benchmarked (its instrumentation is missing), or None when it can."""
     module = {"starlette-instrumented": "kserve_otel.instrumentation.asgi",
+              "starlette-traced": "kserve_otel.instrumentation.asgi",
+              "starlette-contrib": "opentelemetry.instrumentation.asgi",
               "kserve-instrumented": "kserve_otel.instrumentation.kserve",
+              "kserve-traced": "kserve_otel.instrumentation.kserve",
+              "kserve-ratio": "kserve_otel.instrumentation.kserve",
               "kserve2w-instrumented": "kserve_otel.instrumentation.kserve"}.get(kind)
     if module is None:
         return None
@@ -75,6 +85,29 @@ def instrument_kserve(http_port: int) -> None:
     from kserve_otel.instrumentation.kserve import KServeInstrumentor
 
     KServeInstrumentor().instrument(metrics_port=http_port, annotations_file="/nonexistent")
+
+
+def trace_to_receiver(kind: str) -> None:
+    """For a traced kind: export every span by OTLP/HTTP to the benchmark's receiver, with the kind's sampler
+    (``parentbased_traceidratio`` at 0.1), through the standard variables a user would set."""
+    os.environ.update({
+        "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": os.environ["BENCH_OTLP_ENDPOINT"],
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_TRACES_SAMPLER": TRACED[kind],
+        "OTEL_TRACES_SAMPLER_ARG": "0.1", "OTEL_SERVICE_NAME": kind,
+    })
+
+
+def contrib_middleware(app: Any) -> Any:
+    """What a user would otherwise run: OpenTelemetry contrib's ASGI middleware, spans through the SDK's
+    ``BatchSpanProcessor`` and its OTLP/HTTP exporter."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return OpenTelemetryMiddleware(app, tracer_provider=provider)
 
 
 def passthrough_layer(app: Any) -> Any:
@@ -129,8 +162,10 @@ def starlette_app(kind: str, port: int) -> Any:
     app: Any = Starlette(routes=[
         Route(PREDICT_PATH, predict, methods=["POST"]), Route(READY_PATHS["starlette"], ready),
     ])
-    if kind == "starlette-instrumented":
+    if kind in ("starlette-instrumented", "starlette-traced"):
         app = instrument_starlette(app, port)
+    elif kind == "starlette-contrib":
+        app = contrib_middleware(app)
     elif kind == "starlette-passthrough":
         app = passthrough_layer(app)
     elif kind == "starlette-status-layer":
@@ -163,7 +198,9 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"usage: BENCH_HTTP_PORT=P [BENCH_GRPC_PORT=Q] python -m benchmarks.servers {{{','.join(KINDS)}}}")
     kind = argv[0]
     http_port = int(os.environ["BENCH_HTTP_PORT"])
-    instrumented = kind.endswith("-instrumented")
+    if kind in TRACED:
+        trace_to_receiver(kind)
+    instrumented = kind.endswith(("-instrumented", "-traced", "-ratio"))
     if kind.startswith("starlette"):
         serve_starlette(http_port, kind)
     else:

@@ -28,6 +28,7 @@ before doing anything of its own.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -47,16 +48,21 @@ from urllib.parse import urlsplit
 from prometheus_client.parser import text_string_to_metric_families
 
 from .harness import ROOT, Section, Table, Target, free_port, module_main
-from .servers import KINDS, MODEL_NAME, PREDICT_PATH, READY_PATHS, REQUEST_BODY, pending
+from .servers import KINDS, MODEL_NAME, PREDICT_PATH, READY_PATHS, REQUEST_BODY, SPANS_PER_REQUEST, TRACED, pending
 
 CONCURRENCIES = (1, 8)
 #: What each instrumented kind is compared with.
 BASELINES = {
     "starlette-instrumented": "starlette", "starlette-passthrough": "starlette", "starlette-status-layer": "starlette",
     "kserve-instrumented": "kserve", "kserve2w-instrumented": "kserve2w",
+    "kserve-traced": "kserve", "kserve-ratio": "kserve", "starlette-traced": "starlette",
+    "starlette-contrib": "starlette",
 }
 #: The least share of the uninstrumented throughput each instrumented server must keep (issue targets).
-THROUGHPUT_TARGETS = {"kserve-instrumented": 0.97, "starlette-instrumented": 0.90, "kserve2w-instrumented": 0.97}
+THROUGHPUT_TARGETS = {
+    "kserve-instrumented": 0.97, "starlette-instrumented": 0.90, "kserve2w-instrumented": 0.97,
+    "kserve-traced": 0.85, "kserve-ratio": 0.97,
+}
 #: Kinds scraped once a second while they run (a multi-process server's scrape reads every worker's series).
 SCRAPED_EVERY_SECOND = ("kserve2w", "kserve2w-instrumented")
 
@@ -264,6 +270,48 @@ def predict_observations(base: str) -> int | None:
 
 
 @contextmanager
+def span_receiver() -> Iterator[str]:
+    """A real OTLP/HTTP receiver (:mod:`benchmarks.otlp_sink`) in a process of its own; yields its endpoint."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.otlp_sink", str(port)], cwd=ROOT,
+                            stdin=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(endpoint + "/count", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the OTLP receiver did not start") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def received_spans(endpoint: str) -> dict[str, int]:
+    """Spans the receiver decoded so far, by service name (the benchmark names each traced server's service
+    after its kind)."""
+    with urllib.request.urlopen(endpoint + "/count", timeout=10) as response:
+        return dict(json.load(response)["by_service"])
+
+
+def http_requests(base: str) -> int | None:
+    """Requests the server's own /metrics counted (``http_server_request_duration_seconds_count``, summed)."""
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    return int(sum(sample.value for family in text_string_to_metric_families(text)
+                   if family.name == "http_server_request_duration_seconds"
+                   for sample in family.samples if sample.name.endswith("_count")))
+
+
+@contextmanager
 def scraping(urls: list[str], interval: float = 1.0) -> Iterator[None]:
     """Scrape each of ``urls`` every ``interval`` seconds from a thread while the block runs, as Prometheus does."""
     import threading
@@ -317,6 +365,9 @@ def run(quick: bool) -> Section:
     medians: dict[tuple[str, int], float] = {}
     ratios: dict[tuple[str, int], float] = {}  # median of the paired runs' ratios, by (instrumented kind, concurrency)
     rows = []
+    stack = ExitStack()
+    if any(kind in TRACED for group in _pairs() for kind in group):
+        os.environ["BENCH_OTLP_ENDPOINT"] = receiver = stack.enter_context(span_receiver())
     for group in _pairs():
         kinds = [kind for kind in group if pending(kind) is None]
         rows.extend([kind, "—", "pending", "", "", "", "", pending(kind)] for kind in group if kind not in kinds)
@@ -353,6 +404,22 @@ def run(quick: bool) -> Section:
                             f"{repeats} x {seconds} s",
                             "—" if ratio is None else f"{ratio:.2f} of {base}",
                         ])
+                traced = [kind for kind in kinds if kind in TRACED]
+                if traced:
+                    time.sleep(7)  # the batch span processors' 5 s schedule: the last spans go out
+                    spans = received_spans(receiver)
+                    for kind in traced:
+                        served = http_requests(urls[kind]) if kind in SPANS_PER_REQUEST else None
+                        per = SPANS_PER_REQUEST.get(kind)
+                        predicted = predict_observations(urls[kind]) or 0
+                        # each request has its span; each predict request its step spans too
+                        expected = "" if served is None or not per else (
+                            f"; the server served {served:,} requests, {predicted:,} of them predictions with "
+                            f"{per - 1} step spans each: {served + predicted * (per - 1):,} spans expected")
+                        section.notes.append(
+                            f"{kind} (sampler {TRACED[kind]}): the OTLP receiver decoded {spans.get(kind, 0):,} "
+                            f"spans for {answered[kind]:,} requests answered{expected}."
+                        )
                 for kind in kinds:
                     observed = predict_observations(urls[kind])
                     if observed is not None:
@@ -363,6 +430,7 @@ def run(quick: bool) -> Section:
         except (RuntimeError, subprocess.SubprocessError, ValueError, OSError) as exc:
             rows.append([" + ".join(kinds), "—", "failed", "", "", "", "", str(exc).splitlines()[0]])
             section.notes.append(f"{' + '.join(kinds)} failed: {exc}")
+    stack.close()
     section.tables.append(Table(
         f"requests per second and latency (load generator: {loadgen}; medians of the runs)",
         ["server", "concurrency", "requests/s", "p50", "p99", "errors", "runs", "vs uninstrumented"], rows,
@@ -382,6 +450,15 @@ def run(quick: bool) -> Section:
                 else f"median of {repeats} paired runs; medians {ours:,.0f} / {theirs:,.0f} requests/s",
                 at_least=True,
             ))
+    for concurrency in CONCURRENCIES:
+        ours, contrib = medians.get(("starlette-traced", concurrency)), medians.get(("starlette-contrib", concurrency))
+        bare = medians.get(("starlette", concurrency))
+        if ours and contrib and bare:
+            section.notes.append(
+                f"Starlette, every request traced, concurrency {concurrency}: kserve-otel {ours / bare:.2f} of the bare "
+                f"app, contrib's OpenTelemetryMiddleware with the SDK's exporter {contrib / bare:.2f}; kserve-otel "
+                f"{ours / contrib:.2f} x contrib."
+            )
     if loadgen == "python":
         section.notes.append(
             "Load generator: Python asyncio client (wrk not installed). It is CPU-bound and shares two cores with "

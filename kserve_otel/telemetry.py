@@ -302,7 +302,8 @@ def _build(
         from .resource_metrics import enable_resource_metrics
 
         stop_resources = enable_resource_metrics(meter_provider)
-    tracer_provider, processors, owns_traces = _attach_span_export(settings, tracer_provider, resource)
+    tracer_provider, processors, owns_traces = _attach_span_export(
+        settings, tracer_provider, resource, meter_provider if readers else None)
     telemetry = Telemetry(
         settings=settings, meter_provider=meter_provider, tracer_provider=tracer_provider,
         prometheus_registry=registry, readers=readers, span_processors=processors,
@@ -376,7 +377,8 @@ def _attach_readers(readers: list[MetricReader], provider: Any, resource: Resour
     return provider, owns
 
 
-def _attach_span_export(settings: Settings, provider: Any, resource: Resource) -> tuple[Any, list[SpanProcessor], bool]:
+def _attach_span_export(settings: Settings, provider: Any, resource: Resource,
+                        meter_provider: Any = None) -> tuple[Any, list[SpanProcessor], bool]:
     if provider is not None:
         tracing.set_tracer_provider(provider)
     exporters = [_span_exporter(name) for name in settings.traces_exporter]
@@ -392,7 +394,9 @@ def _attach_span_export(settings: Settings, provider: Any, resource: Resource) -
     processors: list[SpanProcessor] = []
     if isinstance(provider, TracerProvider):
         for exporter in exporters:
-            processor = BatchSpanProcessor(exporter)
+            processor = BatchSpanProcessor(exporter, meter_provider=meter_provider)
+            if isinstance(meter_provider, MeterProvider):
+                _count_processed_spans(processor, meter_provider)
             provider.add_span_processor(processor)
             processors.append(processor)
     else:
@@ -401,6 +405,33 @@ def _attach_span_export(settings: Settings, provider: Any, resource: Resource) -
             "spans are not exported by kserve-otel", provider,
         )
     return provider, processors, owns
+
+
+def _count_processed_spans(processor: BatchSpanProcessor, meter_provider: MeterProvider) -> None:
+    """Give ``processor`` the SDK's own self-observability metrics (``otel.sdk.processor.span.processed``, with
+    ``error.type="queue_full"`` for spans dropped because the export queue was full, and the queue's size and
+    capacity), recorded into ``meter_provider``, so they are on the endpoint. The SDK makes them only when
+    ``OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED=true``; with it, the SDK has done so already. Without it, they are
+    made here through the SDK's own constructor, set where the SDK's batch processor keeps them (private names
+    of SDK 1.45, checked by tests/test_telemetry.py: an SDK that moved them gets no such metrics, nothing worse).
+    """
+    try:
+        from opentelemetry.sdk._shared_internal._processor_metrics import (
+            NoOpProcessorMetrics, create_processor_metrics,
+        )
+        from opentelemetry.semconv._incubating.attributes.otel_attributes import OtelComponentTypeValues
+
+        batch = processor._batch_processor
+        if not isinstance(batch._metrics, NoOpProcessorMetrics):
+            return
+        metrics = create_processor_metrics(
+            "traces", OtelComponentTypeValues.BATCHING_SPAN_PROCESSOR, meter_provider,
+            capacity=batch._max_queue_size, enabled=True)
+        queue = batch._queue
+        metrics.register_queue_size(lambda: len(queue))
+        batch._metrics = metrics
+    except (ImportError, AttributeError) as error:
+        _logger.debug("kserve-otel: no span processor metrics with this SDK: %r", error)
 
 
 def _span_exporter(name: str) -> Any:

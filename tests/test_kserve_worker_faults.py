@@ -1,6 +1,7 @@
 """Counts that never go backwards: a real 2-worker KServe server under load, one worker killed (``kill -9``),
-one terminated (``SIGTERM``, uvicorn's clean shutdown) and one stopped (``SIGSTOP`` for 6 s, which KServe's
-supervisor answers by killing and replacing it), in turn, while a real Prometheus scrapes every second.
+one terminated (``SIGTERM``, uvicorn's clean shutdown), one stopped (``SIGSTOP`` for 6 s, which KServe's
+supervisor answers by killing and replacing it) and one stalled (a synchronous predict holding its GIL and
+event loop for 3.5 s), in turn, while a real Prometheus scrapes every second.
 
 What users rely on: Prometheus sees no counter reset (``resets()`` is 0) for the step and HTTP histograms, every
 scrape the test makes itself is at least the one before, and the final count covers every request that was
@@ -106,7 +107,7 @@ class Scrapes:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[KServeProcess]:
-    server = KServeProcess("iris", args=["--workers", "2"], env={"OTEL_TRACES_EXPORTER": "none"})
+    server = KServeProcess("iris,stall", args=["--workers", "2"], env={"OTEL_TRACES_EXPORTER": "none"})
     try:
         server.wait_ready()
         wait_until(lambda: len(workers_of(server)) == 2, "two workers")
@@ -153,6 +154,8 @@ def test_worker_deaths_and_stalls_never_take_counts_back(server, prometheus):
         _replace(server, signal.SIGKILL)
         _replace(server, signal.SIGTERM)
         _replace(server, signal.SIGSTOP, hold=6.0)
+        stalled = httpx.post(f"{server.url}/v1/models/stall:predict", json={"instances": [3.5]}, timeout=30)
+        assert stalled.status_code == 200
         time.sleep(2)
     answered = load.answered
     time.sleep(3)  # Prometheus scrapes the final state

@@ -216,3 +216,49 @@ def test_a_failing_exporter_never_breaks_a_step():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "served"
+
+
+def test_spans_dropped_by_a_full_queue_are_counted_on_the_endpoint_and_no_step_waits():
+    """A collector that accepts and never answers: the export hangs, the queue (10 spans) fills, and the
+    spans past it are dropped and counted under the SDK's own name, ``otel.sdk.processor.span.processed``
+    with ``error.type="queue_full"``; the steps go on meanwhile, far within the exporter's 30 s timeout."""
+    import socket
+
+    from conftest import free_port
+
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(16)
+        port = free_port()
+        result = run_python(
+            f"""
+            import time, urllib.request
+            import kserve_otel
+            from kserve_otel import instrument_step
+            t = kserve_otel.configure()
+            step = instrument_step("predict", model_name="iris")(lambda: None)
+            started = time.monotonic()
+            for _ in range(500):
+                step()
+            print("steps", time.monotonic() - started)
+            text = urllib.request.urlopen("http://127.0.0.1:{port}/metrics").read().decode()
+            print("\\n".join(line for line in text.splitlines() if line.startswith("otel_sdk_processor_span")))
+            import os, sys
+            sys.stdout.flush()
+            os._exit(0)  # not the exit's flush, which would wait the exporter's 30 s
+            """,
+            env={**QUIET, "OTEL_TRACES_EXPORTER": "otlp",
+                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{stalled.getsockname()[1]}",
+                 "OTEL_EXPORTER_OTLP_TIMEOUT": "30", "OTEL_BSP_MAX_QUEUE_SIZE": "10",
+                 "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "5", "OTEL_BSP_SCHEDULE_DELAY": "10",
+                 "KSERVE_OTEL_METRICS_PORT": str(port), "KSERVE_OTEL_METRICS_HOST": "127.0.0.1"},
+            timeout=120,
+        )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert float(lines[0].split()[1]) < 30, "a step waited for the exporter"
+    dropped = [line for line in lines if "error_type=\"queue_full\"" in line and "processed" in line]
+    assert dropped, result.stdout
+    assert float(dropped[0].rsplit(" ", 1)[1]) >= 500 - 10 - 5 * 2, "every span past the queue is counted"
+    assert any(line.startswith("otel_sdk_processor_span_queue_capacity") and line.endswith(" 10.0")
+               for line in lines), result.stdout

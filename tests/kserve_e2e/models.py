@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,6 +39,21 @@ class FailingModel(kserve.Model):
 
     def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
         raise ValueError("this model cannot predict")
+
+
+class StallingModel(kserve.Model):
+    """A synchronous predict that holds its worker (GIL and event loop) for ``instances[0]`` seconds, as one
+    slow model call in a sync handler does."""
+
+    def __init__(self, name: str = "stall") -> None:
+        super().__init__(name)
+        self.ready = True
+
+    def predict(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        until = time.monotonic() + float(payload["instances"][0])
+        while time.monotonic() < until:  # busy, in Python: nothing else of this worker runs meanwhile
+            pass
+        return {"predictions": [os.getpid()]}
 
 
 class StreamingModel(kserve.Model):

@@ -17,11 +17,11 @@ from examples.sklearn_iris.model import IrisModel
 
 from examples.transformer_predictor.transformer import IrisTransformer
 
-from .models import EchoModel, FailingModel, StreamingModel
+from .models import EchoModel, FailingModel, StallingModel, StreamingModel
 
 MODELS = {
     "iris": IrisModel, "echo": EchoModel, "failing": FailingModel, "stream": StreamingModel,
-    "transformer": IrisTransformer,
+    "stall": StallingModel, "transformer": IrisTransformer,
 }
 
 
