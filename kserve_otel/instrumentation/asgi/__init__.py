@@ -61,20 +61,9 @@ from ...request_spans import _KNOWN_METHODS, ATTR_HTTP_ROUTE, HTTPServerMetrics,
 from ...settings import Settings
 from ...speedups import HTTPRecorder
 from ...telemetry import configure, get_telemetry, served_collector
+from ..fastapi_telemetry import quiet_fastapi_telemetry
 
 __all__ = ["TelemetryMiddleware", "instrument_app", "quiet_fastapi_telemetry"]
-
-#: FastAPI's own OpenTelemetry switches that kserve-otel turns off on the apps it instruments (see above).
-_FASTAPI_TELEMETRY_OFF = {"tracing": False, "metrics": False, "operation_spans": False}
-
-
-def quiet_fastapi_telemetry(app: Any) -> None:
-    """Switch off FastAPI's own request spans and HTTP metrics on ``app`` (FastAPI 0.16x reads the dict that
-    ``FastAPI(telemetry=...)`` fills on every request); nothing happens for other apps."""
-    config = getattr(app, "_telemetry", None)
-    if isinstance(config, dict):
-        config.update(_FASTAPI_TELEMETRY_OFF)
-
 
 class _NameByRoute:
     """Inside contrib's span: when the response starts (the app has routed the request by then; contrib ends

@@ -42,7 +42,7 @@ from ...names import ATTR_MODEL_NAME
 from ...request_spans import RequestSpanMiddleware
 from ...settings import Settings, SettingsError
 from ...telemetry import Telemetry, configure, get_telemetry, served_collector
-from ..asgi import quiet_fastapi_telemetry
+from ..fastapi_telemetry import quiet_fastapi_telemetry
 
 _logger = logging.getLogger(__name__)
 
