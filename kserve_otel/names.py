@@ -30,9 +30,20 @@ UNIT_SECONDS = "s"
 
 #: OpenTelemetry instrument counting steps that raised; Prometheus shows ``request_step_errors_total``.
 ERRORS_INSTRUMENT = "request_step_errors"
+ERRORS_METRIC = f"{ERRORS_INSTRUMENT}_total"
 #: OpenTelemetry histogram of the time from a streaming step's start to its first item;
 #: Prometheus shows ``request_time_to_first_item_seconds``.
 FIRST_ITEM_INSTRUMENT = "request_time_to_first_item"
+FIRST_ITEM_METRIC = f"{FIRST_ITEM_INSTRUMENT}_seconds"
+#: OpenTelemetry histogram of the time a request waits for its batch (``@serve.batch``);
+#: Prometheus shows ``request_batch_wait_seconds``.
+BATCH_WAIT_INSTRUMENT = "request_batch_wait"
+BATCH_WAIT_METRIC = f"{BATCH_WAIT_INSTRUMENT}_seconds"
+#: OpenTelemetry's HTTP server instruments (semantic conventions) and their Prometheus names.
+ACTIVE_REQUESTS_INSTRUMENT = "http.server.active_requests"
+ACTIVE_REQUESTS_METRIC = "http_server_active_requests"
+REQUEST_DURATION_INSTRUMENT = "http.server.request.duration"
+REQUEST_DURATION_METRIC = "http_server_request_duration_seconds"
 
 #: Span attribute keys.
 ATTR_MODEL_NAME = "kserve.model.name"

@@ -23,14 +23,14 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from . import propagation, tracing
 from .exposition import ASGIApp, Message, Receive, Scope, Send
-from .names import KSERVE_BUCKETS, UNIT_SECONDS
+from .names import ACTIVE_REQUESTS_INSTRUMENT, KSERVE_BUCKETS, REQUEST_DURATION_INSTRUMENT, UNIT_SECONDS
 from .series import REGISTRY as SERIES
 from .series import UpDownCounterSeries
 
 #: OpenTelemetry's HTTP server metrics (Prometheus: ``http_server_active_requests``,
 #: ``http_server_request_duration_seconds``) and their attributes (labels ``http_request_method``...).
-ACTIVE_REQUESTS = "http.server.active_requests"
-REQUEST_DURATION = "http.server.request.duration"
+ACTIVE_REQUESTS = ACTIVE_REQUESTS_INSTRUMENT
+REQUEST_DURATION = REQUEST_DURATION_INSTRUMENT
 ATTR_HTTP_METHOD = "http.request.method"
 ATTR_HTTP_ROUTE = "http.route"
 ATTR_HTTP_STATUS = "http.response.status_code"

@@ -184,7 +184,9 @@ def _parse_file(value: Any) -> str:
 
 @dataclass(frozen=True)
 class SettingSpec:
-    """One row of the settings table: a setting's name and every place its value may come from."""
+    """One row of the settings table: a setting's name, its one default, every place its value may come from,
+    and its documentation (Markdown, as the README's settings table shows it, which is generated from this
+    table: :func:`settings_markdown`; the CLI's ``--help`` shows it too)."""
 
     name: str
     env: str
@@ -193,75 +195,83 @@ class SettingSpec:
     doc: str
     otel_env: str | None = None
     annotation: str | None = None
+    #: The accepted values, for a setting that takes names from a fixed list.
+    choices: tuple[str, ...] | None = None
+    #: How the default reads in the documentation, where its value alone would not say it.
+    shown_default: str | None = None
 
 
 SETTINGS_TABLE: tuple[SettingSpec, ...] = (
     SettingSpec(
         "enabled", "KSERVE_OTEL_ENABLED", False, _parse_bool,
-        "Turn on auto-instrumentation at import time (an explicit configure() call always configures).",
+        "Turn on auto-instrumentation at import time (an explicit `configure()` always configures).",
         annotation=ANNOTATION_ENABLE_SCRAPING,
     ),
     SettingSpec(
         "metrics_host", "KSERVE_OTEL_METRICS_HOST", "0.0.0.0", _parse_host,
-        "Address the Prometheus endpoint binds when it runs on a port of its own.",
+        "Address the endpoint binds when it runs on a port of its own.",
         otel_env="OTEL_EXPORTER_PROMETHEUS_HOST",
     ),
     SettingSpec(
         "metrics_port", "KSERVE_OTEL_METRICS_PORT", 8080, _parse_port,
-        "Port of the Prometheus endpoint (KServe's default annotation is the model server's port, 8080).",
+        "Port of the endpoint (0 picks a free one).",
         otel_env="OTEL_EXPORTER_PROMETHEUS_PORT", annotation=ANNOTATION_PROMETHEUS_PORT,
     ),
     SettingSpec(
         "metrics_path", "KSERVE_OTEL_METRICS_PATH", "/metrics", _parse_path,
-        "Exact path of the Prometheus endpoint; other paths answer 404.",
+        "Exact path of the endpoint; other paths answer 404.",
         annotation=ANNOTATION_PROMETHEUS_PATH,
     ),
     SettingSpec(
         "metrics_exporters", "KSERVE_OTEL_METRICS_EXPORTER", ("prometheus",), _choice_list(METRICS_EXPORTERS),
-        "Where metrics go: prometheus (the endpoint), otlp (push), console; comma-separated, or none.",
-        otel_env="OTEL_METRICS_EXPORTER",
+        "Where metrics go: `prometheus` (the endpoint), `otlp` (push), `console`; comma-separated, or `none`.",
+        otel_env="OTEL_METRICS_EXPORTER", choices=METRICS_EXPORTERS,
     ),
     SettingSpec(
         "traces_exporter", "KSERVE_OTEL_TRACES_EXPORTER", (), _choice_list(TRACES_EXPORTERS),
-        "Where spans go when kserve-otel installs the TracerProvider: otlp, console, or none.",
-        otel_env="OTEL_TRACES_EXPORTER",
+        "Where spans go: `otlp`, `console`, or `none`.",
+        otel_env="OTEL_TRACES_EXPORTER", choices=TRACES_EXPORTERS,
     ),
     SettingSpec(
         "traces_sampler", "KSERVE_OTEL_TRACES_SAMPLER", "parentbased_always_on", _choice(SAMPLERS),
         "Sampler of a TracerProvider that kserve-otel installs.",
-        otel_env="OTEL_TRACES_SAMPLER",
+        otel_env="OTEL_TRACES_SAMPLER", choices=SAMPLERS,
     ),
     SettingSpec(
         "traces_sampler_arg", "KSERVE_OTEL_TRACES_SAMPLER_ARG", None, _parse_ratio,
-        "Ratio for the traceidratio samplers (default 1.0).",
-        otel_env="OTEL_TRACES_SAMPLER_ARG",
+        "Ratio for the `traceidratio` samplers.",
+        otel_env="OTEL_TRACES_SAMPLER_ARG", shown_default="`1.0`",
     ),
     SettingSpec(
         "service_name", "KSERVE_OTEL_SERVICE_NAME", None, _parse_name,
-        "service.name of the resource (OTEL_RESOURCE_ATTRIBUTES is honoured as well).",
-        otel_env="OTEL_SERVICE_NAME",
+        "`service.name` of the resource (`OTEL_RESOURCE_ATTRIBUTES` is honoured as well).",
+        otel_env="OTEL_SERVICE_NAME", shown_default="",
     ),
     SettingSpec(
         "buckets", "KSERVE_OTEL_BUCKETS", KSERVE_BUCKETS, _parse_buckets,
-        "Bucket boundaries in seconds of the step histograms (KServe's by default).",
+        "Bucket boundaries in seconds of the step histograms.",
+        shown_default="KServe's",
     ),
     SettingSpec(
         "latency_log", "KSERVE_OTEL_LATENCY_LOG", "trace_id", _choice(LATENCY_LOG_MODES),
-        "KServe's per-request latency log line: trace_id (with the trace id added), kserve (unchanged), off.",
+        "KServe's per-request latency log line: `trace_id` (the line with `, trace_id: <hex>` added while a trace "
+        "is current), `kserve` (unchanged), `off` (no line).",
+        choices=LATENCY_LOG_MODES,
     ),
     SettingSpec(
         "ray_metrics", "KSERVE_OTEL_RAY_METRICS", "ray", _choice(RAY_METRICS_MODES),
-        "Ray Serve replicas: ray (step metrics in Ray's own metrics, on each node's Ray metrics endpoint), "
-        "otlp (pushed to OTEL_EXPORTER_OTLP_ENDPOINT), or none.",
+        "Ray Serve replicas: `ray` (step metrics in Ray's own metrics, on each node's Ray metrics endpoint), "
+        "`otlp` (pushed to `OTEL_EXPORTER_OTLP_ENDPOINT`), or `none`.",
+        choices=RAY_METRICS_MODES,
     ),
     SettingSpec(
         "ray_steps", "KSERVE_OTEL_RAY_STEPS", (("__call__", "predict"),), _parse_step_map,
-        "Ray Serve deployments: which methods are which steps (method=step, comma-separated); "
-        "kserve.Model deployments use their handlers.",
+        "Ray Serve deployments: which methods are which steps (`method=step`, comma-separated); `kserve.Model` "
+        "deployments use their handlers.",
     ),
     SettingSpec(
         "annotations_file", "KSERVE_OTEL_ANNOTATIONS_FILE", DEFAULT_ANNOTATIONS_FILE, _parse_file,
-        "Downward-API file holding the pod's annotations.",
+        "Downward-API file holding the pod's annotations (lines `key=\"value\"`).",
     ),
 )
 
@@ -273,22 +283,23 @@ _SPECS = {spec.name: spec for spec in SETTINGS_TABLE}
 
 @dataclass(frozen=True)
 class Settings:
-    """Resolved configuration. Build it with :meth:`Settings.load`; ``sources`` says where each value came from."""
+    """Resolved configuration. Build it with :meth:`Settings.load`; ``sources`` says where each value came from.
+    Every field's default is its row's in :data:`SETTINGS_TABLE`."""
 
-    enabled: bool = False
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 8080
-    metrics_path: str = "/metrics"
-    metrics_exporters: tuple[str, ...] = ("prometheus",)
-    traces_exporter: tuple[str, ...] = ()
-    traces_sampler: str = "parentbased_always_on"
-    traces_sampler_arg: float | None = None
-    service_name: str | None = None
-    buckets: tuple[float, ...] = KSERVE_BUCKETS
-    latency_log: str = "trace_id"
-    ray_metrics: str = "ray"
-    ray_steps: tuple[tuple[str, str], ...] = (("__call__", "predict"),)
-    annotations_file: str = DEFAULT_ANNOTATIONS_FILE
+    enabled: bool = _SPECS["enabled"].default
+    metrics_host: str = _SPECS["metrics_host"].default
+    metrics_port: int = _SPECS["metrics_port"].default
+    metrics_path: str = _SPECS["metrics_path"].default
+    metrics_exporters: tuple[str, ...] = _SPECS["metrics_exporters"].default
+    traces_exporter: tuple[str, ...] = _SPECS["traces_exporter"].default
+    traces_sampler: str = _SPECS["traces_sampler"].default
+    traces_sampler_arg: float | None = _SPECS["traces_sampler_arg"].default
+    service_name: str | None = _SPECS["service_name"].default
+    buckets: tuple[float, ...] = _SPECS["buckets"].default
+    latency_log: str = _SPECS["latency_log"].default
+    ray_metrics: str = _SPECS["ray_metrics"].default
+    ray_steps: tuple[tuple[str, str], ...] = _SPECS["ray_steps"].default
+    annotations_file: str = _SPECS["annotations_file"].default
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -468,10 +479,34 @@ def resolve_setting(name: str, environ: Mapping[str, str] | None = None, report:
     return _resolve(spec, {}, env, annotations, annotations_path, values, sources, report=report)
 
 
+def shown_default(spec: SettingSpec) -> str:
+    """A setting's default as the documentation shows it (Markdown)."""
+    if spec.shown_default is not None:
+        return spec.shown_default
+    default = spec.default
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, tuple):
+        default = ",".join("=".join(v) if isinstance(v, tuple) else str(v) for v in default) or "none"
+    return f"`{default}`"
+
+
 def settings_table_rows() -> Iterable[tuple[str, str, str, str, str, str]]:
-    """(setting, KSERVE_OTEL_* variable, OTEL_* variable, annotation, default, meaning) for each setting."""
+    """(setting, KSERVE_OTEL_* variable, OTEL_* variable, annotation, default, meaning) for each setting, in
+    Markdown as the README's settings table shows them."""
     for spec in SETTINGS_TABLE:
-        default = spec.default
-        if isinstance(default, tuple):
-            default = ",".join("=".join(v) if isinstance(v, tuple) else str(v) for v in default) or "none"
-        yield (spec.name, spec.env, spec.otel_env or "", spec.annotation or "", str(default), spec.doc)
+        code = [f"`{value}`" if value else "" for value in (spec.env, spec.otel_env, spec.annotation)]
+        yield (spec.name, *code, shown_default(spec), spec.doc)  # type: ignore[misc]
+
+
+def settings_markdown() -> str:
+    """The README's settings table, generated from :data:`SETTINGS_TABLE` (``python -m kserve_otel.settings``
+    prints it; ``tests/test_settings.py`` checks the README holds exactly this)."""
+    lines = ["| setting | variable | standard variable | pod annotation | default | meaning |",
+             "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in settings_table_rows()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

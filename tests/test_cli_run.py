@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -103,14 +104,21 @@ def test_bad_targets_print_one_line_and_exit_2(target, message):
     assert "Traceback" not in result.stderr
 
 
-def test_help_names_every_options_environment_variable():
+def test_help_and_readme_name_every_option_from_the_settings_table():
+    from kserve_otel.cli.run import SERVE_OPTIONS, SETTING_OPTIONS
+    from kserve_otel.settings import SETTINGS_TABLE
+
     result = subprocess.run([RUN, "--help"], capture_output=True, text=True, timeout=60)
     help_text = " ".join(result.stdout.split())
-    for variable in ("KSERVE_OTEL_RUN_HTTP_PORT", "KSERVE_OTEL_RUN_GRPC_PORT", "KSERVE_OTEL_RUN_WORKERS",
-                     "KSERVE_OTEL_RUN_MODEL_NAME", "KSERVE_OTEL_RUN_HOST", "KSERVE_OTEL_METRICS_PORT",
-                     "KSERVE_OTEL_METRICS_PATH", "KSERVE_OTEL_TRACES_EXPORTER", "KSERVE_OTEL_TRACES_SAMPLER",
-                     "KSERVE_OTEL_TRACES_SAMPLER_ARG"):
-        assert variable in help_text
+    readme = " ".join((Path(ROOT) / "README.md").read_text().split())
+    specs = {spec.name: spec for spec in SETTINGS_TABLE}
+    for option, variable, *_ in SERVE_OPTIONS:
+        assert variable in help_text and f"`{option}`" in readme
+    for option, name, variable, _ in SETTING_OPTIONS:
+        spec = specs[name]
+        assert variable == spec.env and f"[{variable}]" in help_text and f"`{option}`" in readme
+        for choice in spec.choices or ():
+            assert choice in help_text
 
 
 def test_a_ray_serve_application_is_served_with_step_metrics_on_rays_endpoint():

@@ -11,7 +11,7 @@ from kserve_otel import Settings, SettingsError
 from kserve_otel.annotations import parse_annotations, read_annotations
 from kserve_otel.names import KSERVE_BUCKETS
 from kserve_otel.problems import REPORTED_VARIABLE
-from kserve_otel.settings import SETTINGS_TABLE
+from kserve_otel.settings import SETTINGS_TABLE, settings_markdown
 
 
 @pytest.fixture(autouse=True)
@@ -137,12 +137,17 @@ def test_every_setting_has_a_kserve_otel_variable_and_a_field():
         assert required in {spec.env for spec in SETTINGS_TABLE}
 
 
-def test_readme_documents_every_setting():
+def test_the_readme_settings_table_is_the_one_generated_from_the_table():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert settings_markdown() in readme, "README.md: paste the output of python -m kserve_otel.settings"
     for spec in SETTINGS_TABLE:
-        assert spec.env in readme, spec.env
-        if spec.annotation:
-            assert spec.annotation in readme
+        assert f"`{spec.env}`" in settings_markdown()
+
+
+def test_every_default_is_the_tables():
+    defaults = Settings()
+    for spec in SETTINGS_TABLE:
+        assert getattr(defaults, spec.name) == spec.default, spec.name
 
 
 # ----------------------------------------------------------------------------------------- annotations file

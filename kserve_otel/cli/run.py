@@ -18,20 +18,30 @@ from typing import Any
 
 EXIT_USAGE = 2
 
-#: Options that are settings: (option, setting name, KSERVE_OTEL_* variable, help).
-SETTING_OPTIONS = (
-    ("--metrics-port", "metrics_port", "KSERVE_OTEL_METRICS_PORT",
-     "port of the Prometheus endpoint (default: the HTTP port, or the annotated port)"),
-    ("--metrics-path", "metrics_path", "KSERVE_OTEL_METRICS_PATH", "path of the Prometheus endpoint (/metrics)"),
-    ("--metrics-exporter", "metrics_exporters", "KSERVE_OTEL_METRICS_EXPORTER",
-     "prometheus, otlp, console (comma-separated) or none"),
-    ("--traces-exporter", "traces_exporter", "KSERVE_OTEL_TRACES_EXPORTER", "otlp, console or none"),
-    ("--traces-sampler", "traces_sampler", "KSERVE_OTEL_TRACES_SAMPLER",
-     "always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio"),
-    ("--traces-sampler-arg", "traces_sampler_arg", "KSERVE_OTEL_TRACES_SAMPLER_ARG",
-     "ratio of traces sampled by the traceidratio samplers (0 to 1)"),
-    ("--service-name", "service_name", "KSERVE_OTEL_SERVICE_NAME", "service.name of the telemetry"),
-)
+#: Settings the command takes as options; each option is named after its variable (``KSERVE_OTEL_METRICS_PORT``:
+#: ``--metrics-port``) and documented by its row of :data:`kserve_otel.settings.SETTINGS_TABLE`.
+SETTINGS_AS_OPTIONS = ("metrics_port", "metrics_path", "metrics_exporters", "traces_exporter", "traces_sampler",
+                       "traces_sampler_arg", "service_name")
+#: What the command adds to a setting's documentation.
+_NOTES = {"metrics_port": "Unset, the endpoint is on the HTTP port (or the annotated port)."}
+
+
+def _setting_options() -> list[tuple[str, str, str, str]]:
+    """(option, setting name, KSERVE_OTEL_* variable, help) of each setting the command takes."""
+    from ..settings import SETTINGS_TABLE, shown_default
+
+    specs = {spec.name: spec for spec in SETTINGS_TABLE}
+    options = []
+    for name in SETTINGS_AS_OPTIONS:
+        spec = specs[name]
+        option = "--" + spec.env.removeprefix("KSERVE_OTEL_").lower().replace("_", "-")
+        text = spec.doc + (f" One of: {', '.join(spec.choices)}." if spec.choices else "")
+        text += f" {_NOTES[name]}" if name in _NOTES else f" Default {shown_default(spec) or 'none'}."
+        options.append((option, name, spec.env, text.replace("`", "")))
+    return options
+
+
+SETTING_OPTIONS = _setting_options()
 
 #: Options of the command itself: (option, KSERVE_OTEL_RUN_* variable, default, type, help).
 SERVE_OPTIONS = (
@@ -56,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     for option, variable, default, kind, text in SERVE_OPTIONS:
         parser.add_argument(option, type=kind, default=None, help=f"{text} [{variable}; default {default}]")
     for option, _, variable, text in SETTING_OPTIONS:
-        parser.add_argument(option, default=None, help=f"{text} [{variable}]")
+        parser.add_argument(option, default=None, help=f"{text} [{variable}]".replace("%", "%%"))
     return parser
 
 

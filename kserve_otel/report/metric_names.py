@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import re
 
-from ..names import KSERVE_STEPS, LABEL_MODEL_NAME
+from ..names import (
+    ACTIVE_REQUESTS_METRIC, BATCH_WAIT_METRIC, ERRORS_METRIC, FIRST_ITEM_METRIC, KSERVE_STEPS, LABEL_MODEL_NAME,
+    REQUEST_DURATION_METRIC,
+)
 
 #: ``[ray_]request_<step>_seconds_bucket``: a step's histogram when its series have a ``model_name`` label.
 STEP_BUCKET = re.compile(r"^(ray_)?request_([a-z][a-z0-9_]*)_seconds_bucket$")
@@ -29,12 +32,9 @@ DEPLOYMENT_LABEL = "deployment"
 NOT_STEPS = frozenset({"time_to_first_item", "batch_wait", "batch_execution"})
 RAY_PREFIX = "ray_"
 
-#: kserve-otel's families besides the steps, without the prefix.
-ERRORS_METRIC = "request_step_errors_total"
-FIRST_ITEM_METRIC = "request_time_to_first_item_seconds"
-BATCH_WAIT_METRIC = "request_batch_wait_seconds"
-HTTP_DURATION_METRIC = "http_server_request_duration_seconds"
-IN_FLIGHT_METRIC = "http_server_active_requests"
+#: kserve-otel's families besides the steps, without the prefix (their names live in kserve_otel.names).
+HTTP_DURATION_METRIC = REQUEST_DURATION_METRIC
+IN_FLIGHT_METRIC = ACTIVE_REQUESTS_METRIC
 #: Inference requests are the POSTs (KServe's v1 and v2 inference routes); probes and scrapes are GETs.
 INFERENCE_METHOD = "POST"
 #: Ray Serve's own histogram of the time requests wait for a batch, in milliseconds.

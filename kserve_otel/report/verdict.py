@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from .analysis import Analysis, ModelStats
 from .errors import EXIT_UNUSABLE
+from .metric_names import HTTP_DURATION_METRIC
 from .reporting import describe
 from .units import format_bytes, format_number, format_ratio, format_seconds
 from .window import Stopped
@@ -131,7 +132,7 @@ def _slo_checks(analysis: Analysis, slo: float | None) -> list[SloCheck]:
               for model in analysis.models if model.requests > 0 and math.isfinite(model.latency_p99_seconds)]
     p99 = analysis.server.http_p99_seconds
     if p99 is not None and math.isfinite(p99):
-        checks.append(SloCheck("server", "http_server_request_duration_seconds p99 (POST requests)", p99,
+        checks.append(SloCheck("server", f"{HTTP_DURATION_METRIC} p99 (POST requests)", p99,
                                p99 <= slo))
     return checks
 

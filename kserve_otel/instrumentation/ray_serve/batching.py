@@ -23,7 +23,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
-from ...names import LABEL_MODEL_NAME, LABEL_STEP, UNIT_SECONDS
+from ...names import BATCH_WAIT_INSTRUMENT, LABEL_MODEL_NAME, LABEL_STEP, UNIT_SECONDS
 from ...series import REGISTRY
 
 BATCH_SIZE_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
@@ -48,7 +48,7 @@ def instrument_batch(method: Callable[..., Any], model: str, step: str) -> Calla
                                           _LABELS)
     size_family = REGISTRY.histogram("request_batch_size", "Requests in a batch", "{request}", _LABELS,
                                      bounds=BATCH_SIZE_BUCKETS)
-    wait_family = REGISTRY.histogram("request_batch_wait", "Time a request waits in the batch queue",
+    wait_family = REGISTRY.histogram(BATCH_WAIT_INSTRUMENT, "Time a request waits in the batch queue",
                                      UNIT_SECONDS, _LABELS)
     enqueued: defaultdict[int, deque[float]] = defaultdict(deque)
 
