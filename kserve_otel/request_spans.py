@@ -36,14 +36,21 @@ ATTR_HTTP_ROUTE = "http.route"
 ATTR_HTTP_STATUS = "http.response.status_code"
 #: The semantic conventions' advised boundaries, which are KServe's step buckets too.
 HTTP_DURATION_BUCKETS = KSERVE_BUCKETS
-_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 #: Called with the recording span and the finished request's scope, to add attributes of a framework's own.
 ScopeAttributes = Callable[[Span, Scope], None]
 
 
 class HTTPServerMetrics:
-    """Requests in flight and request durations, by method (and route template and status for durations)."""
+    """Requests in flight and request durations, by method (and route template and status for durations).
+
+    The interface :class:`kserve_otel.speedups.HTTPRecorder` (C and Python alike) records through, and so what any
+    object handed to it as ``metrics`` must offer: the dicts ``active_series`` (method -> a series with
+    ``increment()`` and ``decrement()``) and ``duration_series`` (``(method, route template, status)`` -> a
+    series with ``observe(seconds)``), read without a lock on every request, and on a miss the methods
+    ``active(method)`` and ``duration(method, route, status)``, which return the series and may fill the dicts.
+    ``tests/test_speedups.py`` runs both recorders against this class."""
 
     def __init__(self) -> None:
         self._active = SERIES.up_down_counter(
@@ -79,7 +86,7 @@ class HTTPServerMetrics:
 def method_of(scope: Scope) -> str:
     """The request's method, or ``_OTHER`` for a method HTTP does not define (bounded label values)."""
     method = scope.get("method", "GET")
-    return method if method in _KNOWN_METHODS else "_OTHER"
+    return method if method in KNOWN_METHODS else "_OTHER"
 
 
 def route_of(scope: Scope) -> str:

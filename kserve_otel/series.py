@@ -59,7 +59,7 @@ class UpDownCounterSeries(CounterSeries):
     __slots__ = ()
 
 
-class _Family:
+class Family:
     """Series of one instrument, by label values. Creating a series takes the family lock; reading does not."""
 
     kind = "family"
@@ -72,7 +72,7 @@ class _Family:
         self._series: dict[tuple[str, ...], object] = {}
         self._lock = threading.Lock()
         #: Called with each new series while the family lock is held: the registry's store places its cells.
-        self.on_new_series: Callable[[_Family, object], None] | None = None
+        self.on_new_series: Callable[[Family, object], None] | None = None
 
     def _get(self, label_values: tuple[str, ...]):  # type: ignore[no-untyped-def]
         series = self._series.get(label_values)
@@ -103,7 +103,7 @@ class _Family:
         if hook is not None:
             hook(self, series)
 
-    def place_all(self, place: Callable[[_Family, object], None]) -> None:
+    def place_all(self, place: Callable[[Family, object], None]) -> None:
         """Call ``place(family, series)`` for every series now, and for each new one from now on (``None``:
         no more calls)."""
         with self._lock:
@@ -120,7 +120,7 @@ class _Family:
         return list(self._series.values())
 
 
-class HistogramFamily(_Family):
+class HistogramFamily(Family):
     """A histogram instrument: one :class:`HistogramSeries` per label set, all with the same bounds."""
 
     kind = "histogram"
@@ -139,7 +139,7 @@ class HistogramFamily(_Family):
         return self._get(label_values)  # type: ignore[no-any-return]
 
 
-class CounterFamily(_Family):
+class CounterFamily(Family):
     """A monotonic counter instrument: one :class:`CounterSeries` per label set."""
 
     kind = "counter"
@@ -166,11 +166,11 @@ class UpDownCounterFamily(CounterFamily):
 
 
 #: Makes the mirror of a new series (another metrics system that sees every observation too), if any.
-MirrorFactory = Callable[["_Family", dict[str, object]], "Callable[[float], object] | None"]
+MirrorFactory = Callable[["Family", dict[str, object]], "Callable[[float], object] | None"]
 _mirror_factory: MirrorFactory | None = None
 
 
-def _mirror_for(family: _Family, attributes: dict[str, object]) -> Callable[[float], object] | None:
+def _mirror_for(family: Family, attributes: dict[str, object]) -> Callable[[float], object] | None:
     factory = _mirror_factory
     return factory(family, attributes) if factory is not None else None
 
@@ -191,11 +191,11 @@ class SeriesRegistry:
     """All families of this process, by instrument name. Families are created once and never removed."""
 
     def __init__(self) -> None:
-        self._families: dict[str, _Family] = {}
+        self._families: dict[str, Family] = {}
         self._lock = threading.Lock()
         #: Bounds given to histogram families created from now on (``configure(buckets=...)`` sets them).
         self.default_bounds: tuple[float, ...] = KSERVE_BUCKETS
-        self._place: Callable[[_Family, object], None] | None = None
+        self._place: Callable[[Family, object], None] | None = None
 
     def histogram(
         self, name: str, description: str, unit: str, label_names: Sequence[str],
@@ -226,7 +226,7 @@ class SeriesRegistry:
                     self._families[name] = family
         return family
 
-    def place_series(self, place: Callable[[_Family, object], None] | None) -> None:
+    def place_series(self, place: Callable[[Family, object], None] | None) -> None:
         """Call ``place(family, series)`` for every series of every family now and for every new one from now
         on, while its family's lock is held: how a :class:`kserve_otel.series_files.SeriesFile` moves the cells
         into memory other processes read. ``None`` stops the calls."""
@@ -235,11 +235,11 @@ class SeriesRegistry:
             for family in self._families.values():
                 family.place_all(place)
 
-    def families(self) -> list[_Family]:
+    def families(self) -> list[Family]:
         """Every family, in creation order."""
         return list(self._families.values())
 
-    def get(self, name: str) -> _Family | None:
+    def get(self, name: str) -> Family | None:
         """The family called ``name``, if any series of it was ever asked for."""
         return self._families.get(name)
 

@@ -230,6 +230,12 @@ _PROVIDER_FROM_ENVIRONMENT = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 _NOT_KNOWN = object()
 
 
+def no_provider() -> bool:
+    """Whether no tracer provider exists at all (the default without an exporter), so nothing can be recorded:
+    two reads, for request paths that skip all span work then (no call of :func:`current_provider`)."""
+    return _explicit_provider is None and trace._TRACER_PROVIDER is None and not _PROVIDER_FROM_ENVIRONMENT
+
+
 def current_provider() -> Any:
     """The tracer provider step and request spans go to (``configure(tracer_provider=...)``, else the global)."""
     if _explicit_provider is not None:

@@ -32,7 +32,7 @@ from starlette.routing import Route as StarletteRoute
 
 from kserve_otel import propagation, speedups
 from kserve_otel.names import KSERVE_BUCKETS
-from kserve_otel.request_spans import _KNOWN_METHODS, HTTPServerMetrics
+from kserve_otel.request_spans import KNOWN_METHODS, HTTPServerMetrics
 from kserve_otel.series import HistogramSeries
 
 BOUNDS = (0.1, 0.5, 1.0)
@@ -269,7 +269,7 @@ def _route() -> str:
 
 def _recorder(impl: Impl, metrics: HTTPServerMetrics | None = None, **watch: Any) -> Any:
     metrics = metrics or HTTPServerMetrics()
-    return impl.HTTPRecorder(metrics, _KNOWN_METHODS, propagation.header_names, **watch)
+    return impl.HTTPRecorder(metrics, KNOWN_METHODS, propagation.header_names, **watch)
 
 
 def _ignore(message: Any) -> None:

@@ -56,8 +56,9 @@ from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.util.http import ExcludeList, get_excluded_urls, parse_excluded_urls
 
 from ... import propagation, tracing
+from ...tracing import no_provider, tracer_if_recording
 from ...exposition import ASGIApp, Message, MetricsMiddleware, Receive, Scope, Send
-from ...request_spans import _KNOWN_METHODS, ATTR_HTTP_ROUTE, HTTPServerMetrics, method_of, route_of
+from ...request_spans import KNOWN_METHODS, ATTR_HTTP_ROUTE, HTTPServerMetrics, method_of, route_of
 from ...settings import Settings
 from ...speedups import HTTPRecorder
 from ...telemetry import configure, get_telemetry, served_collector
@@ -106,7 +107,7 @@ class TelemetryMiddleware:
         self._exclusions = bool(getattr(self.excluded_urls, "_excluded_urls", None))
         self.contrib_options = contrib_options
         self.metrics = HTTPServerMetrics()
-        self._start = HTTPRecorder(self.metrics, _KNOWN_METHODS, propagation.header_names,
+        self._start = HTTPRecorder(self.metrics, KNOWN_METHODS, propagation.header_names,
                                    **propagation.header_names_watch()).start
         self._contrib: tuple[Any, Any] = (None, None)  # (tracer provider, middleware built for it)
         # The endpoint is checked here rather than by a MetricsMiddleware around this one: one ASGI layer
@@ -163,9 +164,8 @@ class TelemetryMiddleware:
             try:
                 parent = propagation.extract_asgi(scope["headers"]) if request.traced else None
                 # No tracer provider at all (the default: no exporter configured) means nothing is recorded:
-                # what tracing.tracer_if_recording() would find after two calls, from the same reads.
-                if (tracing._explicit_provider is None and trace._TRACER_PROVIDER is None
-                        and not tracing._PROVIDER_FROM_ENVIRONMENT) or tracing.tracer_if_recording(parent) is None:
+                # what tracer_if_recording() would find after two calls, from the same reads.
+                if no_provider() or tracer_if_recording(parent) is None:
                     if parent is None:
                         await app(scope, receive, request)
                     else:

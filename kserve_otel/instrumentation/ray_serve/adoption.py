@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ...series import _Family, set_mirror_factory
+from ...series import Family, set_mirror_factory
 from ...telemetry import get_telemetry
 from .ray_metrics import mirror_into_ray
 
@@ -56,7 +56,7 @@ def adopt_unpickled_steps() -> None:
         set_mirror_factory(_adopting_mirror)
 
 
-def _adopting_mirror(family: _Family, attributes: dict[str, object]) -> Callable[[float], object] | None:
+def _adopting_mirror(family: Family, attributes: dict[str, object]) -> Callable[[float], object] | None:
     return mirror_into_ray(family, attributes) if _decide() else None
 
 

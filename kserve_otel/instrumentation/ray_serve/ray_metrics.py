@@ -14,13 +14,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ...series import CounterFamily, HistogramFamily, UpDownCounterFamily, _Family, set_mirror_factory
+from ...series import CounterFamily, HistogramFamily, UpDownCounterFamily, Family, set_mirror_factory
 
 _lock = threading.Lock()
 _metrics: dict[str, Any] = {}  # family name -> the Ray metric it is mirrored into
 
 
-def ray_metric_name(family: _Family) -> str:
+def ray_metric_name(family: Family) -> str:
     """The Ray metric name of ``family`` (Ray prefixes ``ray_`` when exporting): Prometheus' own spelling."""
     name = family.name.replace(".", "_")
     return f"{name}_seconds" if family.unit == "s" and not name.endswith("_seconds") else name
@@ -30,7 +30,7 @@ def _tag_key(attribute: str) -> str:
     return attribute.replace(".", "_")
 
 
-def _ray_metric(family: _Family) -> Any:
+def _ray_metric(family: Family) -> Any:
     metric = _metrics.get(family.name)
     if metric is None:
         from ray.serve import metrics as serve_metrics
@@ -51,7 +51,7 @@ def _ray_metric(family: _Family) -> Any:
     return metric
 
 
-def mirror_into_ray(family: _Family, attributes: dict[str, object]) -> Callable[[float], object] | None:
+def mirror_into_ray(family: Family, attributes: dict[str, object]) -> Callable[[float], object] | None:
     """The mirror factory of a replica: each series of a histogram or counter family into a Ray metric."""
     if isinstance(family, UpDownCounterFamily) or not isinstance(family, (HistogramFamily, CounterFamily)):
         return None
