@@ -1,10 +1,11 @@
 """The Prometheus endpoint: one exact path, served standalone on a port of its own or inside an ASGI app.
 
 One core, thin adapters (as prometheus_client does it): :func:`render` turns a registry into a response
-(Prometheus text or OpenMetrics by the ``Accept`` header, gzip when asked, both through prometheus_client's
-own encoders); :class:`MetricsServer` serves it from one daemon thread's event loop, with bounded
-connections, threads and timeouts (it shares a process with the model server), :class:`MetricsMiddleware` from
-an existing ASGI app on the app's own port. Both answer only the configured path (404 elsewhere, for the
+(Prometheus text or OpenMetrics by the ``Accept`` header, gzip when asked; this package's series written by
+:mod:`kserve_otel.text_exposition`, every other family by prometheus_client's own encoders);
+:class:`MetricsServer` serves it from one daemon thread's event loop, with bounded connections, threads and
+timeouts (it shares a process with the model server), :class:`MetricsMiddleware` from an existing ASGI app on
+the app's own port. Both answer only the configured path (404 elsewhere, for the
 standalone server) and only GET and HEAD (405 with ``Allow: GET, HEAD`` for any other method; HEAD as GET
 without the body, as HTTP requires of a general-purpose server), and never redirect ``/metrics`` to
 ``/metrics/`` as a mounted sub-app would: scrapers do not follow redirects.
@@ -32,6 +33,10 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from .metrics_bridge import capturing_series
+from .text_exposition import direct_format
+from .text_exposition import write as write_text
+
 _logger = logging.getLogger(__name__)
 
 ALLOWED_METHODS = ("GET", "HEAD")
@@ -52,7 +57,7 @@ def render(registry: Collector, accept: str | None, accept_encoding: str | None)
     """The headers and body answering a scrape of ``registry``."""
     encoder, content_type = choose_encoder(accept or "")
     with _render_lock:
-        body = encoder(registry)
+        body = _encode(registry, encoder)
     headers = [("Content-Type", content_type)]
     if gzip_accepted(accept_encoding or ""):
         import gzip
@@ -61,6 +66,62 @@ def render(registry: Collector, accept: str | None, accept_encoding: str | None)
         headers.append(("Content-Encoding", "gzip"))
     headers.append(("Content-Length", str(len(body))))
     return headers, body
+
+
+def _encode(registry: Collector, encoder: Callable[[Collector], bytes]) -> bytes:
+    """What ``encoder(registry)`` writes, with this package's series written from their snapshot instead.
+
+    Each collector (each of a :class:`MergedCollector`'s, in order) is collected while
+    :func:`~kserve_otel.metrics_bridge.capturing_series` is active: a bridged Prometheus reader in it then
+    hands over its series as a snapshot, and its other families (``target_info``, the SDK's metrics) come back
+    as prometheus_client families. Those go through ``encoder``, the series through
+    :func:`kserve_otel.text_exposition.write` right after them (where the reader would have put them), with
+    :class:`MergedCollector`'s rule of one family per name. Formats the writer does not write (name escapings
+    other than underscores and UTF-8) go through ``encoder`` whole.
+    """
+    direct = direct_format(encoder)
+    if direct is None:
+        return encoder(registry)
+    openmetrics, escaping = direct
+    merged = isinstance(registry, MergedCollector)
+    collectors = registry.collectors if isinstance(registry, MergedCollector) else (registry,)
+    seen: set[str] | None = set(GLOBAL_REGISTRY_WINS) if merged else None  # a bare registry dedupes nothing
+    parts: list[bytes] = []
+    for index, collector in enumerate(collectors):
+        if seen is not None and index == 1:
+            seen -= GLOBAL_REGISTRY_WINS
+        with capturing_series() as captured:
+            families = list(collector.collect())
+        if seen is not None:
+            kept = []
+            for family in families:
+                if family.name not in seen:
+                    seen.add(family.name)
+                    kept.append(family)
+            families = kept
+        if families:
+            body = encoder(_Families(families))
+            if openmetrics and body.endswith(_EOF):
+                body = body[:-len(_EOF)]
+            parts.append(body)
+        for snapshot in captured:
+            parts.append(write_text(snapshot, openmetrics, escaping, seen).encode("utf-8"))
+    if openmetrics:
+        parts.append(_EOF)
+    return b"".join(parts)
+
+
+_EOF = b"# EOF\n"
+
+
+class _Families:
+    """Families already collected, as a collector an encoder takes."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 #: Metric names that prometheus_client's global registry counts again while this package's families of the same

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from time import time_ns
 from typing import Any
 
@@ -42,6 +43,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from ._version import __version__
 from .names import SCOPE_NAME
 from .series import REGISTRY, CounterFamily, HistogramFamily, SeriesRegistry, UpDownCounterFamily
+from .snapshots import Snapshot, snapshot_registry
 
 _SCOPE = InstrumentationScope(SCOPE_NAME, __version__)
 _BRIDGE_ATTRIBUTE = "_kserve_otel_bridge"
@@ -63,6 +65,9 @@ class _ReaderBridge:
         #: reader reports summed with this process's: set for the Prometheus endpoint of a multi-worker
         #: server. Cumulative readers only (a sum over processes has no per-process delta state).
         self.peers: Any = None
+        #: Whether the reader feeds a prometheus_client registry (only such collections are captured by
+        #: :func:`capturing_series`: a scrape writes their series itself).
+        self.prometheus = _is_prometheus_reader(reader)
 
     def wrap(self, collect: CollectCallback) -> CollectCallback:
         def collect_with_steps(reader: MetricReader, timeout_millis: float = 10_000, **kwargs: Any) -> MetricsData | None:
@@ -73,6 +78,9 @@ class _ReaderBridge:
         return collect_with_steps
 
     def merge(self, data: MetricsData | None) -> MetricsData | None:
+        captured = getattr(_capture, "snapshots", None)
+        if captured is not None and self.prometheus and self.cumulative:
+            return self._collect_captured(data, captured)
         metrics = self.produce()
         if not metrics:
             return data
@@ -84,10 +92,31 @@ class _ReaderBridge:
         merged = ResourceMetrics(first.resource, [*first.scope_metrics, scope_metrics], first.schema_url)
         return MetricsData(resource_metrics=[merged, *rest])
 
+    @property
+    def cumulative(self) -> bool:
+        """Whether this reader takes every series cumulatively (the Prometheus reader does)."""
+        return self.histogram_temporality == self.counter_temporality == _CUMULATIVE
+
+    def snapshot(self) -> Snapshot:
+        """What a cumulative collection of this reader reports, as a :mod:`kserve_otel.snapshots` snapshot: the
+        registry's series, or the sum over :attr:`peers` when set."""
+        return self.peers.merged_snapshot() if self.peers is not None else snapshot_registry(self.registry)
+
+    def _collect_captured(self, data: MetricsData | None, captured: list[Snapshot]) -> MetricsData | None:
+        """A collection under :func:`capturing_series`: the series go to ``captured``, the data stays the SDK's.
+        With series and no SDK data, an empty resource stands in, so the reader still reports its
+        ``target_info`` as it does when the series are in the data."""
+        snapshot = self.snapshot()
+        captured.append(snapshot)
+        if snapshot and (data is None or not data.resource_metrics):
+            resource = self.resource if self.resource is not None else Resource.get_empty()
+            return MetricsData(resource_metrics=[ResourceMetrics(resource, [], resource.schema_url)])
+        return data
+
     def produce(self) -> list[Metric]:
         """One OpenTelemetry ``Metric`` per family that has series, in this reader's temporality."""
         now = time_ns()
-        if self.peers is not None and self.histogram_temporality == self.counter_temporality == _CUMULATIVE:
+        if self.peers is not None and self.cumulative:
             return _metrics_from_snapshot(self.peers.merged_snapshot(), now)
         metrics: list[Metric] = []
         with self._lock:  # two collections of one reader at once must not interleave their delta state
@@ -150,6 +179,24 @@ class _ReaderBridge:
 
 
 _CUMULATIVE = AggregationTemporality.CUMULATIVE
+_capture = threading.local()
+
+
+@contextmanager
+def capturing_series() -> Iterator[list[Snapshot]]:
+    """While active, bridged Prometheus readers (cumulative) collected on this thread leave the series out of their
+    OpenTelemetry data and append them, as one snapshot per collection, to the list this yields.
+
+    The seam of the scrape path (:func:`kserve_otel.exposition.render`): the Prometheus reader still turns the
+    SDK's own metrics into prometheus_client families, and :mod:`kserve_otel.text_exposition` writes the
+    captured series itself. Other threads (a periodic OTLP export) are not affected.
+    """
+    previous = getattr(_capture, "snapshots", None)
+    _capture.snapshots = captured = []
+    try:
+        yield captured
+    finally:
+        _capture.snapshots = previous
 
 
 def _metrics_from_snapshot(families: list[dict[str, Any]], now: int) -> list[Metric]:
@@ -175,6 +222,14 @@ def _metrics_from_snapshot(families: list[dict[str, Any]], now: int) -> list[Met
         if points:
             metrics.append(Metric(family["name"], family["description"], family["unit"], data))
     return metrics
+
+
+def _is_prometheus_reader(reader: MetricReader) -> bool:
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    except ImportError:
+        return False
+    return isinstance(reader, PrometheusMetricReader)
 
 
 def _preferred_temporality(reader: MetricReader, instrument: type) -> AggregationTemporality:
