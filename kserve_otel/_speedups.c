@@ -17,6 +17,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <math.h>
+#include <time.h>
 
 #ifdef Py_GIL_DISABLED
 #error "kserve_otel._speedups relies on the GIL; the pure-Python kserve_otel.speedups is used instead"
@@ -63,6 +64,21 @@ cells_place(const char *who, PyObject *buffer, Py_ssize_t offset, Py_ssize_t siz
     return at;
 }
 
+/* Call `mirror` (if any) with `value`: 0, or -1 with an exception set. */
+static int
+call_mirror(PyObject *mirror, PyObject *value)
+{
+    if (mirror == NULL || mirror == Py_None)
+        return 0;
+    Py_INCREF(mirror);
+    PyObject *r = PyObject_CallOneArg(mirror, value);
+    Py_DECREF(mirror);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* Replace the callable in `slot` with `value` (None or NULL: none), for the mirror setters. */
 static int
 set_mirror(PyObject **slot, PyObject *value)
@@ -80,8 +96,19 @@ set_mirror(PyObject **slot, PyObject *value)
 /* ------------------------------------------------------------------------------------------------ Histogram */
 
 /* A histogram's cells, the layout that bind() places in a shared buffer and kserve_otel/series_files.py reads:
- * (nbounds + 1) bucket counts as native uint64, then sum, min and max as native doubles; 8-byte aligned. The
- * interval extremes stay in the object: only this process's delta readers use them. */
+ * (nbounds + 1) bucket counts as native uint64, then sum, min and max as native doubles; 8-byte aligned. With
+ * exemplars, (nbounds + 1) exemplar slots follow, one per bucket, of six 8-byte words: a sequence number (odd
+ * while the slot is being written, 0 while it was never written), the value and the Unix time in seconds as
+ * doubles, the trace id's high and low 64 bits and the span id. A reader in another process reads a slot
+ * whole when its sequence number is even and the same before and after (a seqlock: this process is the one
+ * writer, under the GIL). The interval extremes stay in the object: only this process's delta readers use
+ * them. */
+typedef struct {
+    unsigned long long seq;
+    double value, time;
+    unsigned long long trace_hi, trace_lo, span;
+} ExemplarSlot;
+
 typedef struct {
     PyObject_HEAD
     Py_ssize_t nbounds;
@@ -91,6 +118,8 @@ typedef struct {
     double interval_min, interval_max;
     PyObject *bounds_tuple;
     PyObject *mirror; /* callable or NULL */
+    ExemplarSlot *exemplars; /* nbounds + 1 slots right after totals, or NULL without exemplars */
+    int with_exemplars;
     void *own;        /* the cells while not bound to a buffer, else NULL */
     Py_buffer view;   /* the buffer the cells live in once bound (view.obj is NULL before) */
 } HistogramObject;
@@ -100,19 +129,31 @@ typedef struct {
 #define H_MAX(h) ((h)->totals[2])
 
 static inline Py_ssize_t
-histogram_cells_size(Py_ssize_t nbounds)
+histogram_cells_size(Py_ssize_t nbounds, int with_exemplars)
 {
-    return (nbounds + 1) * (Py_ssize_t)sizeof(unsigned long long) + 3 * (Py_ssize_t)sizeof(double);
+    return (nbounds + 1) * (Py_ssize_t)sizeof(unsigned long long) + 3 * (Py_ssize_t)sizeof(double)
+        + (with_exemplars ? (nbounds + 1) * (Py_ssize_t)sizeof(ExemplarSlot) : 0);
+}
+
+/* Point counts, totals and exemplars at cells starting at `at`. */
+static inline void
+histogram_point(HistogramObject *self, char *at)
+{
+    self->counts = (unsigned long long *)at;
+    self->totals = (double *)(at + (self->nbounds + 1) * sizeof(unsigned long long));
+    self->exemplars = self->with_exemplars ? (ExemplarSlot *)(self->totals + 3) : NULL;
 }
 
 static PyTypeObject HistogramType;
+static PyObject *sixty_four; /* the int 64, for splitting trace ids */
 
 static int
 Histogram_init(HistogramObject *self, PyObject *args, PyObject *kwds)
 {
     PyObject *bounds = NULL;
-    static char *kwlist[] = {"bounds", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:Histogram", kwlist, &bounds))
+    int with_exemplars = 0;
+    static char *kwlist[] = {"bounds", "exemplars", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:Histogram", kwlist, &bounds, &with_exemplars))
         return -1;
     if (self->counts != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Histogram is already initialised");
@@ -123,7 +164,7 @@ Histogram_init(HistogramObject *self, PyObject *args, PyObject *kwds)
         return -1;
     Py_ssize_t n = PyTuple_GET_SIZE(tuple);
     double *values = PyMem_Calloc(n > 0 ? n : 1, sizeof(double));
-    unsigned long long *counts = PyMem_Calloc(1, histogram_cells_size(n));
+    unsigned long long *counts = PyMem_Calloc(1, histogram_cells_size(n, with_exemplars));
     if (values == NULL || counts == NULL) {
         PyMem_Free(values);
         PyMem_Free(counts);
@@ -171,8 +212,8 @@ Histogram_init(HistogramObject *self, PyObject *args, PyObject *kwds)
     self->nbounds = n;
     self->bounds = values;
     self->own = counts;
-    self->counts = counts;
-    self->totals = (double *)(counts + n + 1);
+    self->with_exemplars = with_exemplars;
+    histogram_point(self, (char *)counts);
     H_SUM(self) = 0.0;
     H_MIN(self) = self->interval_min = INFINITY;
     H_MAX(self) = self->interval_max = -INFINITY;
@@ -208,8 +249,8 @@ Histogram_dealloc(HistogramObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Count v: bucket i holds bounds[i-1] < v <= bounds[i] (bisect.bisect_left, NaN included). */
-static inline void
+/* Count v: bucket i holds bounds[i-1] < v <= bounds[i] (bisect.bisect_left, NaN included); returns i. */
+static inline Py_ssize_t
 histogram_add(HistogramObject *self, double v)
 {
     Py_ssize_t lo = 0, hi = self->nbounds;
@@ -234,6 +275,7 @@ histogram_add(HistogramObject *self, double v)
         if (v > H_MAX(self))
             H_MAX(self) = v;
     }
+    return lo;
 }
 
 static int
@@ -247,16 +289,7 @@ histogram_observe(HistogramObject *self, PyObject *value)
         return -1;
     }
     histogram_add(self, v);
-    if (self->mirror != NULL && self->mirror != Py_None) {
-        PyObject *mirror = self->mirror;
-        Py_INCREF(mirror);
-        PyObject *r = PyObject_CallOneArg(mirror, value);
-        Py_DECREF(mirror);
-        if (r == NULL)
-            return -1;
-        Py_DECREF(r);
-    }
-    return 0;
+    return call_mirror(self->mirror, value);
 }
 
 static PyObject *
@@ -265,6 +298,87 @@ Histogram_observe(HistogramObject *self, PyObject *value)
     if (histogram_observe(self, value) < 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+/* observe_exemplar(value, trace_id, span_id): observe, and keep (value, now, trace id, span id) as the exemplar
+ * of the value's bucket, the latest replacing the one before (nothing more without exemplar cells). */
+static PyObject *
+Histogram_observe_exemplar(HistogramObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "observe_exemplar(value, trace_id, span_id) takes 3 arguments");
+        return NULL;
+    }
+    double v = PyFloat_AsDouble(args[0]);
+    if (v == -1.0 && PyErr_Occurred())
+        return NULL;
+    unsigned long long lo = PyLong_AsUnsignedLongLongMask(args[1]);
+    if (lo == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    PyObject *shifted = PyNumber_Rshift(args[1], sixty_four);
+    if (shifted == NULL)
+        return NULL;
+    unsigned long long hi = PyLong_AsUnsignedLongLongMask(shifted);
+    Py_DECREF(shifted);
+    if (hi == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long span = PyLong_AsUnsignedLongLongMask(args[2]);
+    if (span == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (self->counts == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Histogram.__init__ was not called");
+        return NULL;
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    Py_ssize_t bucket = histogram_add(self, v);
+    if (self->exemplars != NULL) {
+        ExemplarSlot *slot = &self->exemplars[bucket];
+        unsigned long long seq = slot->seq;
+        __atomic_store_n(&slot->seq, seq + 1, __ATOMIC_RELAXED); /* odd: being written */
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        slot->value = v;
+        slot->time = (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+        slot->trace_hi = hi;
+        slot->trace_lo = lo;
+        slot->span = span;
+        __atomic_store_n(&slot->seq, seq + 2, __ATOMIC_RELEASE); /* even: whole */
+    }
+    if (call_mirror(self->mirror, args[0]) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* exemplars(): per bucket, None or (value, unix time, trace id, span id) */
+static PyObject *
+Histogram_exemplars(HistogramObject *self, PyObject *unused)
+{
+    Py_ssize_t n = self->nbounds + 1;
+    PyObject *result = PyTuple_New(n);
+    if (result == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item;
+        ExemplarSlot *slot = self->exemplars != NULL ? &self->exemplars[i] : NULL;
+        if (slot == NULL || slot->seq == 0) {
+            item = Py_NewRef(Py_None);
+        } else {
+            PyObject *hi = PyLong_FromUnsignedLongLong(slot->trace_hi);
+            PyObject *shifted = hi != NULL ? PyNumber_Lshift(hi, sixty_four) : NULL;
+            PyObject *lo = PyLong_FromUnsignedLongLong(slot->trace_lo);
+            PyObject *trace = shifted != NULL && lo != NULL ? PyNumber_Or(shifted, lo) : NULL;
+            Py_XDECREF(hi);
+            Py_XDECREF(shifted);
+            Py_XDECREF(lo);
+            item = trace != NULL ? Py_BuildValue("(ddNK)", slot->value, slot->time, trace, slot->span) : NULL;
+        }
+        if (item == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(result, i, item);
+    }
+    return result;
 }
 
 static PyObject *
@@ -327,7 +441,7 @@ Histogram_bind(HistogramObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     Py_buffer view;
-    Py_ssize_t size = histogram_cells_size(self->nbounds);
+    Py_ssize_t size = histogram_cells_size(self->nbounds, self->with_exemplars);
     char *at = cells_place("Histogram", buffer, offset, size, &view);
     if (at == NULL)
         return NULL;
@@ -341,8 +455,7 @@ Histogram_bind(HistogramObject *self, PyObject *args, PyObject *kwds)
         self->interval_min = INFINITY;
         self->interval_max = -INFINITY;
     }
-    self->counts = (unsigned long long *)at;
-    self->totals = (double *)(at + (self->nbounds + 1) * sizeof(unsigned long long));
+    histogram_point(self, at);
     PyMem_Free(self->own);
     self->own = NULL;
     if (self->view.obj != NULL)
@@ -354,7 +467,7 @@ Histogram_bind(HistogramObject *self, PyObject *args, PyObject *kwds)
 static PyObject *
 Histogram_get_cells_size(HistogramObject *self, void *closure)
 {
-    return PyLong_FromSsize_t(histogram_cells_size(self->nbounds));
+    return PyLong_FromSsize_t(histogram_cells_size(self->nbounds, self->with_exemplars));
 }
 
 static PyObject *
@@ -398,8 +511,13 @@ static PyMethodDef Histogram_methods[] = {
      "consistently; ``reset_interval`` starts a new interval for min and max."},
     {"bind", (PyCFunction)(void (*)(void))Histogram_bind, METH_VARARGS | METH_KEYWORDS,
      "bind(buffer, offset, carry=True)\n--\n\nKeep the cells (bucket counts as uint64, then sum, min, max as "
-     "doubles) in the writable ``buffer`` at ``offset`` from now on, with what was counted so far unless "
-     "``carry`` is false."},
+     "doubles, then the exemplar slots if any) in the writable ``buffer`` at ``offset`` from now on, with what "
+     "was counted so far unless ``carry`` is false."},
+    {"observe_exemplar", (PyCFunction)(void (*)(void))Histogram_observe_exemplar, METH_FASTCALL,
+     "observe_exemplar(value, trace_id, span_id)\n--\n\nObserve ``value`` and keep it, with the time and the "
+     "ids, as the exemplar of its bucket (with exemplar cells)."},
+    {"exemplars", (PyCFunction)Histogram_exemplars, METH_NOARGS,
+     "exemplars()\n--\n\nPer bucket, None or (value, Unix time, trace id, span id) of its latest exemplar."},
     {NULL}
 };
 
@@ -503,14 +621,11 @@ Counter_add(CounterObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     *counter_cell(self) += n;
     if (self->mirror != NULL) {
-        PyObject *mirror = Py_NewRef(self->mirror);
         PyObject *value = amount != NULL ? Py_NewRef(amount) : PyLong_FromLongLong(n);
-        PyObject *r = value != NULL ? PyObject_CallOneArg(mirror, value) : NULL;
+        int failed = value == NULL || call_mirror(self->mirror, value) < 0;
         Py_XDECREF(value);
-        Py_DECREF(mirror);
-        if (r == NULL)
+        if (failed)
             return NULL;
-        Py_DECREF(r);
     }
     Py_RETURN_NONE;
 }
@@ -1145,7 +1260,7 @@ PyInit__speedups(void)
     INTERN(str_active, "active");
     INTERN(str_duration, "duration");
     INTERN(str_empty, "");
-    if ((int_500 = PyLong_FromLong(500)) == NULL)
+    if ((int_500 = PyLong_FromLong(500)) == NULL || (sixty_four = PyLong_FromLong(64)) == NULL)
         return NULL;
 
     if (PyType_Ready(&HistogramType) < 0 || PyType_Ready(&CounterType) < 0 || PyType_Ready(&RequestType) < 0 || PyType_Ready(&HTTPRecorderType) < 0)

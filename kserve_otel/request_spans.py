@@ -21,7 +21,7 @@ from typing import Any
 
 from opentelemetry.trace import Span, Status, StatusCode
 
-from . import propagation, tracing
+from . import exemplars, propagation, tracing
 from .exposition import ASGIApp, Message, Receive, Scope, Send
 from .names import ACTIVE_REQUESTS_INSTRUMENT, KSERVE_BUCKETS, REQUEST_DURATION_INSTRUMENT, UNIT_SECONDS
 from .series import REGISTRY as SERIES
@@ -58,7 +58,7 @@ class HTTPServerMetrics:
         )
         self._duration = SERIES.histogram(
             REQUEST_DURATION, "Duration of HTTP server requests", UNIT_SECONDS,
-            (ATTR_HTTP_METHOD, ATTR_HTTP_ROUTE, ATTR_HTTP_STATUS), bounds=HTTP_DURATION_BUCKETS,
+            (ATTR_HTTP_METHOD, ATTR_HTTP_ROUTE, ATTR_HTTP_STATUS), bounds=HTTP_DURATION_BUCKETS, exemplars=True,
         )
 
         #: The series of each label set, kept at hand (two family lookups a request are measurable here); a
@@ -122,7 +122,11 @@ class RequestSpanMiddleware:
             nonlocal recorded
             recorded = True
             active.decrement()
-            self.metrics.duration(method, route_of(scope), status).observe(perf_counter() - started)
+            series = self.metrics.duration(method, route_of(scope), status)
+            if span is not None:  # the request's span: its bucket's exemplar, when sampled
+                exemplars.observe_in_span(series, perf_counter() - started, span)
+            else:
+                series.observe(perf_counter() - started)
 
         async def send_recording_status(message: Message) -> None:  # a closure: cheaper than an object here
             nonlocal status

@@ -34,8 +34,8 @@ class HistogramSeries(Histogram):
 
     __slots__ = ("attributes", "start_time_ns")
 
-    def __init__(self, attributes: dict[str, object], bounds: tuple[float, ...]) -> None:
-        super().__init__(bounds)
+    def __init__(self, attributes: dict[str, object], bounds: tuple[float, ...], exemplars: bool = False) -> None:
+        super().__init__(bounds, exemplars)
         self.attributes = attributes
         self.start_time_ns = time_ns()
 
@@ -126,13 +126,16 @@ class HistogramFamily(Family):
     kind = "histogram"
 
     def __init__(
-        self, name: str, description: str, unit: str, label_names: Sequence[str], bounds: Sequence[float]
+        self, name: str, description: str, unit: str, label_names: Sequence[str], bounds: Sequence[float],
+        exemplars: bool = False,
     ) -> None:
         super().__init__(name, description, unit, label_names)
         self.bounds = tuple(float(b) for b in bounds)
+        #: Whether each series keeps an exemplar per bucket (its latest observation made in a sampled span).
+        self.exemplars = exemplars
 
     def _new(self, attributes: dict[str, object]) -> HistogramSeries:
-        return HistogramSeries(attributes, self.bounds)
+        return HistogramSeries(attributes, self.bounds, self.exemplars)
 
     def series(self, *label_values: str) -> HistogramSeries:
         """The series of these label values (in ``label_names`` order), created on first use."""
@@ -199,11 +202,13 @@ class SeriesRegistry:
 
     def histogram(
         self, name: str, description: str, unit: str, label_names: Sequence[str],
-        bounds: Sequence[float] | None = None,
+        bounds: Sequence[float] | None = None, exemplars: bool = False,
     ) -> HistogramFamily:
-        """The histogram family ``name``, created with ``bounds`` (else :attr:`default_bounds`) on first use."""
+        """The histogram family ``name``, created with ``bounds`` (else :attr:`default_bounds`) on first use;
+        with ``exemplars``, each series keeps the latest exemplar of each bucket."""
         return self._family(name, lambda: HistogramFamily(
-            name, description, unit, label_names, bounds if bounds is not None else self.default_bounds
+            name, description, unit, label_names, bounds if bounds is not None else self.default_bounds,
+            exemplars,
         ))  # type: ignore[return-value]
 
     def counter(self, name: str, description: str, unit: str, label_names: Sequence[str]) -> CounterFamily:

@@ -48,9 +48,10 @@ from typing import Any
 
 from .series import REGISTRY, HistogramFamily, SeriesRegistry
 from .snapshots import (
-    Snapshot, family_entry, histogram_entry, merge_snapshots, snapshot_registry, warn_now_and_then,
+    Snapshot, exemplar_entries, histogram_entry, merge_snapshots, snapshot_registry, warn_now_and_then,
     without_gauges,
 )
+from .speedups import EXEMPLAR_SLOT as _EXEMPLAR
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ def _description(family: Any, series: Any) -> bytes:
              "start": series.start_time_ns}
     if isinstance(family, HistogramFamily):
         entry["bounds"] = list(family.bounds)
+        if family.exemplars:
+            entry["exemplars"] = True
     return json.dumps(entry, separators=(",", ":")).encode()
 
 
@@ -230,13 +233,16 @@ class _NotReady(Exception):
 
 
 class _Record:
-    __slots__ = ("kind", "family", "attributes", "start", "at", "buckets")
+    __slots__ = ("kind", "family", "attributes", "start", "at", "buckets", "exemplars")
 
     def __init__(self, description: dict[str, Any], at: int) -> None:
         self.kind = description["kind"]
         self.family = {k: description[k] for k in ("name", "kind", "description", "unit", "label_names")}
         if "bounds" in description:
             self.family["bounds"] = [float(b) for b in description["bounds"]]
+        self.exemplars = description.get("exemplars") is True
+        if self.exemplars:
+            self.family["exemplars"] = True
         self.attributes = description["attributes"]
         self.start = int(description["start"])
         self.at = at
@@ -283,6 +289,8 @@ class _Chunk:
             description = json.loads(self.map[at + _RECORD.size: at + _RECORD.size + described])
             record = _Record(description, cells_at)
             needed = 8 * record.buckets + 24 if record.kind == "histogram" else 8
+            if record.exemplars:
+                needed += _EXEMPLAR.size * record.buckets
             if cells_at + needed > at + length:
                 raise ValueError(f"record at {at} too short for its cells")
             self.records.append(record)
@@ -300,13 +308,37 @@ class _Chunk:
                 values = struct.unpack_from(f"={record.buckets}Q3d", self.map, record.at)
                 counts = values[: record.buckets]
                 if sum(counts):
-                    family["series"].append(histogram_entry(dict(record.attributes), record.start, counts,
-                                                            *values[record.buckets:]))
+                    item = histogram_entry(dict(record.attributes), record.start, counts, *values[record.buckets:])
+                    if record.exemplars:
+                        exemplars = exemplar_entries(self._exemplars(record))
+                        if exemplars is not None:
+                            item["exemplars"] = exemplars
+                    family["series"].append(item)
             else:
                 (value,) = struct.unpack_from("=q", self.map, record.at)
                 family["series"].append({"attributes": dict(record.attributes), "start": record.start,
                                          "value": value})
         return [family for family in families.values() if family["series"]]
+
+
+    def _exemplars(self, record: _Record) -> list[tuple[float, float, int, int] | None]:
+        """The record's exemplar slots, each read whole (its sequence number even and unchanged around the
+        read; a slot being written is read again, and left out after three tries)."""
+        found: list[tuple[float, float, int, int] | None] = []
+        at = record.at + 8 * record.buckets + 24
+        for index in range(record.buckets):
+            slot = at + _EXEMPLAR.size * index
+            exemplar = None
+            for _ in range(3):
+                seq, value, when, hi, lo, span = _EXEMPLAR.unpack_from(self.map, slot)
+                if seq == 0 or seq & 1 or struct.unpack_from("=Q", self.map, slot)[0] != seq:
+                    if seq == 0:
+                        break
+                    continue
+                exemplar = (value, when, (hi << 64) | lo, span)
+                break
+            found.append(exemplar)
+        return found
 
 
 class _Process:

@@ -27,6 +27,7 @@ from .annotations import (
     Reporter,
     read_annotations,
 )
+from .exemplars import EXEMPLAR_FILTERS
 from .names import KSERVE_BUCKETS, STEP_NAME_PATTERN
 from .problems import report_once
 
@@ -243,6 +244,12 @@ SETTINGS_TABLE: tuple[SettingSpec, ...] = (
         otel_env="OTEL_TRACES_SAMPLER_ARG", shown_default="`1.0`",
     ),
     SettingSpec(
+        "exemplar_filter", "KSERVE_OTEL_EXEMPLAR_FILTER", "trace_based", _choice(EXEMPLAR_FILTERS),
+        "Which step observations become their bucket's exemplar (with the trace and span ids): `trace_based` "
+        "(made in a sampled span), `always_on` (in any valid span context), `always_off`.",
+        otel_env="OTEL_METRICS_EXEMPLAR_FILTER", choices=EXEMPLAR_FILTERS,
+    ),
+    SettingSpec(
         "service_name", "KSERVE_OTEL_SERVICE_NAME", None, _parse_name,
         "`service.name` of the resource (`OTEL_RESOURCE_ATTRIBUTES` is honoured as well).",
         otel_env="OTEL_SERVICE_NAME", shown_default="",
@@ -294,6 +301,7 @@ class Settings:
     traces_exporter: tuple[str, ...] = _SPECS["traces_exporter"].default
     traces_sampler: str = _SPECS["traces_sampler"].default
     traces_sampler_arg: float | None = _SPECS["traces_sampler_arg"].default
+    exemplar_filter: str = _SPECS["exemplar_filter"].default
     service_name: str | None = _SPECS["service_name"].default
     buckets: tuple[float, ...] = _SPECS["buckets"].default
     latency_log: str = _SPECS["latency_log"].default

@@ -4,8 +4,11 @@ Why it exists: a scrape of one process of a multi-process server answers for all
 (:mod:`kserve_otel.series_files`). Each process's series become a *snapshot* (a list of families, JSON-able
 dicts) and the snapshots are added up here; :mod:`kserve_otel.metrics_bridge` turns the sum into OpenTelemetry
 metric data. A family is ``{"name", "kind", "description", "unit", "label_names", "series"}`` (histograms add
-``"bounds"``); a histogram series is ``{"attributes", "start", "counts", "sum", "min", "max"}`` (min and max
-``None`` when nothing was observed), a counter's ``{"attributes", "start", "value"}``.
+``"bounds"``, and ``"exemplars": true`` when its series keep exemplars); a histogram series is
+``{"attributes", "start", "counts", "sum", "min", "max"}`` (min and max ``None`` when nothing was observed),
+with ``"exemplars"`` when it has any: per bucket ``None`` or ``[value, unix time, trace id, span id]`` (the ids
+as 32 and 16 lower-case hex digits); a counter's is ``{"attributes", "start", "value"}``. Summing keeps the
+latest exemplar of each bucket.
 """
 
 from __future__ import annotations
@@ -44,7 +47,15 @@ def family_entry(family: Any) -> dict[str, Any]:
     }
     if isinstance(family, HistogramFamily):
         entry["bounds"] = list(family.bounds)
+        if family.exemplars:
+            entry["exemplars"] = True
     return entry
+
+
+def exemplar_entries(exemplars: Iterable[tuple[float, float, int, int] | None]) -> list[list[Any] | None] | None:
+    """A series' exemplars as a snapshot holds them, or ``None`` when it has none."""
+    entries = [None if e is None else [e[0], e[1], format(e[2], "032x"), format(e[3], "016x")] for e in exemplars]
+    return entries if any(e is not None for e in entries) else None
 
 
 def histogram_entry(attributes: dict[str, Any], start: int, counts: Iterable[int], total: float, low: float,
@@ -64,8 +75,11 @@ def snapshot_registry(registry: SeriesRegistry) -> Snapshot:
             for series in family.all_series():
                 counts, total, low, high, _, _ = series.snapshot()  # never resets: delta readers own that
                 if sum(counts):
-                    entry["series"].append(
-                        histogram_entry(dict(series.attributes), series.start_time_ns, counts, total, low, high))
+                    item = histogram_entry(dict(series.attributes), series.start_time_ns, counts, total, low, high)
+                    exemplars = exemplar_entries(series.exemplars()) if family.exemplars else None
+                    if exemplars is not None:
+                        item["exemplars"] = exemplars
+                    entry["series"].append(item)
         elif isinstance(family, CounterFamily):
             entry["series"] = [
                 {"attributes": dict(s.attributes), "start": s.start_time_ns, "value": s.value}
@@ -102,10 +116,19 @@ def merge_snapshots(snapshots: Iterable[Snapshot]) -> Snapshot:
                     into["value"] += series["value"]
                     continue
                 into["counts"] = [a + b for a, b in zip(into["counts"], series["counts"], strict=True)]
+                if "exemplars" in series:
+                    into["exemplars"] = _latest(into.get("exemplars"), series["exemplars"])
                 into["sum"] += series["sum"]
                 into["min"] = min((v for v in (into["min"], series["min"]) if v is not None), default=None)
                 into["max"] = max((v for v in (into["max"], series["max"]) if v is not None), default=None)
     return [merged for merged, _ in families.values()]
+
+
+def _latest(ours: list[Any] | None, theirs: list[Any]) -> list[Any]:
+    """Per bucket, the exemplar observed last."""
+    if ours is None:
+        return list(theirs)
+    return [b if a is None or (b is not None and b[1] > a[1]) else a for a, b in zip(ours, theirs, strict=True)]
 
 
 def without_gauges(snapshot: Snapshot) -> Snapshot:

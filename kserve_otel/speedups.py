@@ -21,16 +21,25 @@ from __future__ import annotations
 import math
 import operator
 import os
+import struct
 import threading
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from time import perf_counter
+from time import perf_counter, time
 from typing import Any
 
 __all__ = [
     "IMPLEMENTATION", "Counter", "HTTPRecorder", "Histogram", "PyCounter", "PyHTTPRecorder", "PyHistogram", "PyRequest",
     "Request",
 ]
+
+
+#: An exemplar slot of a histogram's cells (both implementations'): sequence number (odd while written, 0 never
+#: written), value, Unix time, trace id high and low 64 bits, span id.
+EXEMPLAR_SLOT = struct.Struct("=QddQQQ")
+_EXEMPLAR = EXEMPLAR_SLOT
+_SEQ = struct.Struct("=Q")
+_LOW_64 = (1 << 64) - 1
 
 
 def _cells(size: int, buffer: Any = None, offset: int = 0) -> memoryview:
@@ -54,12 +63,15 @@ class PyHistogram:
     (:mod:`kserve_otel.series_files`). The interval extremes stay in the object: only delta readers use them.
     """
 
-    __slots__ = ("bounds", "_counts", "_totals", "_interval_min", "_interval_max", "_lock", "mirror")
+    __slots__ = ("bounds", "with_exemplars", "_cells", "_counts", "_totals", "_interval_min", "_interval_max",
+                 "_lock", "mirror")
 
-    def __init__(self, bounds: Iterable[float]) -> None:
+    def __init__(self, bounds: Iterable[float], exemplars: bool = False) -> None:
         self.bounds = tuple(float(b) for b in bounds)
         if any(not a < b for a, b in zip(self.bounds, self.bounds[1:])):
             raise ValueError("Histogram bounds must be strictly increasing")
+        #: Whether the cells hold an exemplar slot per bucket (see :meth:`observe_exemplar`).
+        self.with_exemplars = bool(exemplars)
         self._lock = threading.Lock()
         self._place(_cells(self.cells_size), carry=None)
         #: Called with every observed value too, when set (see :func:`kserve_otel.series.set_mirror_factory`).
@@ -68,19 +80,45 @@ class PyHistogram:
     @property
     def cells_size(self) -> int:
         """Bytes that :meth:`bind` needs in its buffer."""
-        return 8 * (len(self.bounds) + 1) + 24
+        return 8 * (len(self.bounds) + 1) + 24 + (_EXEMPLAR.size * (len(self.bounds) + 1) if self.with_exemplars else 0)
 
     def _place(self, cells: memoryview, carry: bool | None) -> None:
         split = 8 * (len(self.bounds) + 1)
-        counts, totals = cells[:split].cast("Q"), cells[split:].cast("d")
+        counts, totals = cells[:split].cast("Q"), cells[split: split + 24].cast("d")
         if carry:
-            counts[:] = self._counts
-            totals[:] = self._totals
+            cells[:] = self._cells
         else:
-            cells[:split] = bytes(split)
+            cells[:] = bytes(len(cells))
             totals[0], totals[1], totals[2] = 0.0, math.inf, -math.inf
             self._interval_min, self._interval_max = math.inf, -math.inf
-        self._counts, self._totals = counts, totals
+        self._cells, self._counts, self._totals = cells, counts, totals
+
+    def observe_exemplar(self, value: float, trace_id: int, span_id: int) -> None:
+        """Observe ``value`` and keep it, with the time and the ids, as the exemplar of its bucket (the latest
+        replaces the one before; nothing more without exemplar cells). Each slot: a sequence number (odd
+        while written), value, Unix time, the trace id's high and low 64 bits, the span id."""
+        self.observe(value)
+        if not self.with_exemplars:
+            return
+        index = bisect_left(self.bounds, value.__float__())
+        at = 8 * (len(self.bounds) + 1) + 24 + _EXEMPLAR.size * index
+        with self._lock:
+            cells = self._cells
+            (seq,) = _SEQ.unpack_from(cells, at)
+            _SEQ.pack_into(cells, at, seq + 1)
+            _EXEMPLAR.pack_into(cells, at, seq + 1, float(value), time(), trace_id >> 64, trace_id & _LOW_64,
+                                span_id)
+            _SEQ.pack_into(cells, at, seq + 2)
+
+    def exemplars(self) -> tuple[tuple[float, float, int, int] | None, ...]:
+        """Per bucket, ``None`` or (value, Unix time, trace id, span id) of its latest exemplar."""
+        if not self.with_exemplars:
+            return (None,) * (len(self.bounds) + 1)
+        with self._lock:
+            start = 8 * (len(self.bounds) + 1) + 24
+            slots = [_EXEMPLAR.unpack_from(self._cells, start + _EXEMPLAR.size * i) for i in range(len(self.bounds) + 1)]
+        return tuple(None if seq == 0 else (value, when, (hi << 64) | lo, span)
+                     for seq, value, when, hi, lo, span in slots)
 
     def bind(self, buffer: Any, offset: int, carry: bool = True) -> None:
         """Keep the cells in the writable ``buffer`` at ``offset`` from now on, with what was counted so far

@@ -51,6 +51,7 @@ from .names import (
     validate_step_name,
 )
 from .series import REGISTRY, HistogramSeries
+from . import exemplars
 from .tracing import SpanHandle, end_step_span, resume, start_step_span, suspend
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,7 +75,8 @@ class _ModelInfo:
         self.key = (step, model)
         self.name = model
         self.series: HistogramSeries = REGISTRY.histogram(
-            step_instrument_name(step), f"Duration of the {step} step", UNIT_SECONDS, (LABEL_MODEL_NAME,)
+            step_instrument_name(step), f"Duration of the {step} step", UNIT_SECONDS, (LABEL_MODEL_NAME,),
+            exemplars=True,
         ).series(model)
         self.span_name = f"{step} {model}"
         self.span_attributes = {ATTR_MODEL_NAME: model, ATTR_STEP: step}
@@ -171,9 +173,14 @@ class StepRecorder:
 
     def finish(self, info: _ModelInfo, started: float, handle: SpanHandle | None, error: BaseException | None) -> None:
         """Record a finished call that started at ``started`` (``perf_counter``), ending its span."""
-        info.series.observe(perf_counter() - started)
+        elapsed = perf_counter() - started
         if handle is not None:
+            exemplars.observe_in_span(info.series, elapsed, handle[0])
             end_step_span(handle, error)
+        elif exemplars.unsampled_too:
+            exemplars.observe_in_current_span(info.series, elapsed)
+        else:
+            info.series.observe(elapsed)
         if error is not None:
             self.count_error(info.name, error)
 
@@ -407,9 +414,14 @@ def _wrap(func: Callable[..., Any], recorder: StepRecorder) -> Callable[..., Any
             recorder.leave(token)
             if type(result) in _ITERATOR_TYPES:
                 return _hand_over(recorder, info, handle, started, result)
-            info.series.observe(perf_counter() - started)
+            elapsed = perf_counter() - started
             if handle is not None:
+                exemplars.observe_in_span(info.series, elapsed, handle[0])
                 end_step_span(handle)
+            elif exemplars.unsampled_too:
+                exemplars.observe_in_current_span(info.series, elapsed)
+            else:
+                info.series.observe(elapsed)
             return result
 
         wrapper = sync_wrapper

@@ -38,7 +38,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
 
-from . import tracing
+from . import exemplars, tracing
 from .exposition import ASGIApp, MergedCollector, MetricsMiddleware, MetricsServer
 from .metrics_bridge import bridge_reader, bridge_of
 from .series import REGISTRY as SERIES
@@ -293,6 +293,7 @@ def _build(
     resource_attributes: dict[str, Any],
 ) -> Telemetry:
     SERIES.default_bounds = settings.buckets
+    exemplars.set_filter(settings.exemplar_filter)
     resource = _resource(settings).merge(Resource(resource_attributes)) if resource_attributes \
         else _resource(settings)
     readers, registry = _metric_readers(settings, resource)

@@ -97,7 +97,7 @@ def write(snapshot: Snapshot, openmetrics: bool = False, escaping: str = UNDERSC
         sample = name.replace(":", "_") if openmetrics and escaping == UNDERSCORES else name
         rows, keys = _label_rows(series)
         if kind == "histogram":
-            _histogram(out, sample, family["bounds"], series, rows, keys, counts)
+            _histogram(out, sample, family["bounds"], series, rows, keys, counts, openmetrics)
         else:
             _numbers(out, sample + "_total" if kind == "counter" else sample, series, rows, keys)
     return "".join(out)
@@ -166,7 +166,7 @@ def _joined(labels: dict[str, str], keys: list[str]) -> str:
 
 
 def _histogram(out: list[str], name: str, bounds: list[float], series: list[dict[str, Any]],
-               rows: list[dict[str, str]], keys: list[str], counts: _Formatted) -> None:
+               rows: list[dict[str, str]], keys: list[str], counts: _Formatted, openmetrics: bool = False) -> None:
     with_le = sorted({*keys, "le"})
     at = with_le.index("le")
     before, after = with_le[:at], with_le[at + 1:]
@@ -178,11 +178,23 @@ def _histogram(out: list[str], name: str, bounds: list[float], series: list[dict
         head = bucket + "".join([f'{k}="{labels.get(k, "")}",' for k in before])
         tail = "".join([f',{k}="{labels.get(k, "")}"' for k in after]) + "} "
         cumulative = list(accumulate(s["counts"]))
-        out.extend([f"{head}{le}{tail}{counts[c]}\n" for le, c in zip(les, cumulative)])
+        exemplars = s.get("exemplars") if openmetrics else None
+        if exemplars is None:
+            out.extend([f"{head}{le}{tail}{counts[c]}\n" for le, c in zip(les, cumulative)])
+        else:  # OpenMetrics only: ``... 8.0 # {trace_id="...",span_id="..."} 0.054 1520879607.789``
+            out.extend([f"{head}{le}{tail}{counts[c]}{_exemplar(e)}\n" for le, c, e in zip(les, cumulative, exemplars)])
         if totals:
             plain = "{" + _joined(labels, keys) + "}" if keys else ""
             last = cumulative[min(len(les), len(cumulative)) - 1]  # the last bucket zip reaches
             out.append(f"{count}{plain} {counts[last]}\n{total}{plain} {floatToGoString(s['sum'])}\n")
+
+
+def _exemplar(exemplar: list[Any] | None) -> str:
+    """A bucket line's OpenMetrics exemplar: its trace and span ids, value and timestamp (``""`` for none)."""
+    if exemplar is None:
+        return ""
+    value, when, trace_id, span_id = exemplar
+    return f' # {{trace_id="{trace_id}",span_id="{span_id}"}} {floatToGoString(value)} {when:.3f}'
 
 
 def _numbers(out: list[str], name: str, series: list[dict[str, Any]], rows: list[dict[str, str]],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import subprocess
@@ -223,14 +225,31 @@ def wait_until(predicate, what: str, timeout: float = 30) -> None:
 class PrometheusProcess:
     """Debian's Prometheus server on a free loopback port, with its data in ``tmp``; stops on ``stop()``."""
 
-    def __init__(self, config: Path, tmp: Path) -> None:
+    def __init__(self, config: Path, tmp: Path, features: tuple[str, ...] = ()) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = tmp / "prometheus.log"
         self._log = open(self.log_path, "w")
+        flags = [f"--enable-feature={','.join(features)}"] if features else []
         self.process = subprocess.Popen(
             ["/usr/bin/prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn"],
+             f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn", *flags],
             stdout=self._log, stderr=subprocess.STDOUT)
+
+    @classmethod
+    @contextlib.contextmanager
+    def scraping(cls, port: int, tmp: Path, features: tuple[str, ...] = ()) -> Iterator["PrometheusProcess"]:
+        """A ready Prometheus scraping ``127.0.0.1:port`` every second (job ``kserve``); stopped after."""
+        config = tmp / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, scrape_timeout: 900ms}\n"
+            "scrape_configs:\n"
+            f"  - job_name: kserve\n    static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n")
+        prometheus = cls(config, tmp, features)
+        try:
+            wait_until(prometheus.ready, "prometheus ready")
+            yield prometheus
+        finally:
+            prometheus.stop()
 
     def ready(self) -> bool:
         if self.process.poll() is not None:

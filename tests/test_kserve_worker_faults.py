@@ -118,18 +118,8 @@ def server() -> Iterator[KServeProcess]:
 
 @pytest.fixture(scope="module")
 def prometheus(server, tmp_path_factory) -> Iterator[PrometheusProcess]:
-    tmp = tmp_path_factory.mktemp("prometheus")
-    config = tmp / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, scrape_timeout: 900ms}\n"
-        "scrape_configs:\n"
-        f"  - job_name: kserve\n    static_configs: [{{targets: ['127.0.0.1:{server.http_port}']}}]\n")
-    prometheus = PrometheusProcess(config, tmp)
-    try:
-        wait_until(prometheus.ready, "prometheus ready")
+    with PrometheusProcess.scraping(server.http_port, tmp_path_factory.mktemp("prometheus")) as prometheus:
         yield prometheus
-    finally:
-        prometheus.stop()
 
 
 def _replace(server: KServeProcess, fault: signal.Signals, hold: float = 0.0) -> None:

@@ -403,3 +403,45 @@ def test_snapshot_is_json_round_trippable():
     assert [f["name"] for f in snapshot] == ["request_predict", "request_total"]
     assert histogram.series("m").snapshot()[4:] == (0.5, 2.0), "the interval min/max are not reset"
     assert snapshots.without_gauges(snapshot) == snapshot
+
+
+EXEMPLAR_WORKER = """
+import sys, time
+from kserve_otel.series import REGISTRY
+from kserve_otel.series_files import SharedSeries
+
+family = REGISTRY.histogram("request_predict", "d", "s", ("model_name",), bounds=[0.1, 1.0], exemplars=True)
+family.series("m").observe_exemplar(0.5, 0xABC, 0xDEF)
+SharedSeries(sys.argv[1]).start()
+family.series("m").observe_exemplar(0.05, 0x123, 0x456)  # after start: written in the file directly
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_exemplars_are_read_from_other_processes_and_the_latest_of_a_bucket_wins(directory):
+    child = subprocess.Popen([sys.executable, "-c", EXEMPLAR_WORKER, directory], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, cwd=ROOT, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        registry = SeriesRegistry()
+        family = registry.histogram("request_predict", "d", "s", ("model_name",), bounds=[0.1, 1.0], exemplars=True)
+        family.series("m").observe_exemplar(0.7, 0x777, 0x888)  # later than the worker's 0.5: it wins that bucket
+        reader = SharedSeries(directory, registry=registry)
+        reader.start()
+        series = predict(reader.merged_snapshot())
+        assert sum(series["counts"]) == 3
+        low, middle, high = series["exemplars"]
+        assert low[0] == 0.05 and low[2:] == [f"{0x123:032x}", f"{0x456:016x}"]
+        assert middle[0] == 0.7 and middle[2:] == [f"{0x777:032x}", f"{0x888:016x}"]
+        assert high is None
+        child.kill()
+        child.wait(timeout=30)
+        assert predict(reader.merged_snapshot())["exemplars"][0][0] == 0.05, "a dead worker's exemplars stay"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+        for stream in (child.stdin, child.stdout):
+            if stream:
+                stream.close()

@@ -474,3 +474,31 @@ def test_counter_adds_increments_decrements_and_binds(impl):
         counter.add(1.5)
     with pytest.raises(ValueError, match="do not fit"):
         counter.bind(bytearray(8), 4)
+
+
+def test_exemplars_keep_the_latest_observation_of_each_bucket_with_its_ids(impl):
+    histogram = impl.Histogram(BOUNDS, exemplars=True)
+    assert histogram.cells_size == 8 * 4 + 24 + 48 * 4
+    histogram.observe(0.05)  # no exemplar
+    histogram.observe_exemplar(0.3, (1 << 127) | 5, 7)
+    histogram.observe_exemplar(0.4, 11, (1 << 64) - 1)  # the same bucket: replaces the one before
+    histogram.observe_exemplar(2.0, 13, 17)
+    found = histogram.exemplars()
+    assert found[0] is None and found[2] is None
+    assert found[1][0] == 0.4 and found[1][2:] == (11, (1 << 64) - 1)
+    assert found[3][0] == 2.0 and found[3][2:] == (13, 17)
+    assert abs(found[3][1] - time.time()) < 60 and found[3][1] >= found[1][1]
+    assert histogram.snapshot()[0] == (1, 2, 0, 1), "an exemplar observation is counted too"
+    buffer = bytearray(4096)
+    histogram.bind(buffer, 64)  # the exemplars go along, in the documented layout
+    assert histogram.exemplars() == found
+    seq, value, when, high, low, span = speedups.EXEMPLAR_SLOT.unpack_from(buffer, 64 + 8 * 4 + 24 + 48 * 3)
+    assert (seq % 2, value, when, (high << 64) | low, span) == (0, 2.0, found[3][1], 13, 17) and seq > 0
+    histogram.bind(bytearray(4096), 0, carry=False)
+    assert histogram.exemplars() == (None,) * 4
+
+
+def test_a_histogram_without_exemplar_cells_counts_exemplar_observations(impl):
+    histogram = impl.Histogram(BOUNDS)
+    histogram.observe_exemplar(0.3, 1, 2)
+    assert histogram.count == 1 and histogram.exemplars() == (None,) * 4 and histogram.cells_size == 56
