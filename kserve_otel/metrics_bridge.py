@@ -24,6 +24,7 @@ from time import time_ns
 from typing import Any
 
 from opentelemetry.sdk.metrics import Counter as CounterInstrument
+from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.metrics import Histogram as HistogramInstrument
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -153,9 +154,11 @@ class _ReaderBridge:
             count = sum(counts)
             if count == 0:  # a series is created just before its first observation
                 continue
+            found = _exemplars(series.exemplars(), since=start if delta else 0) if family.exemplars else []
             points.append(HistogramDataPoint(
                 attributes=series.attributes, start_time_unix_nano=start, time_unix_nano=now, count=count,
                 sum=total, bucket_counts=counts, explicit_bounds=series.bounds, min=low, max=high,
+                exemplars=found,
             ))
         return points
 
@@ -210,6 +213,9 @@ def _metrics_from_snapshot(families: list[dict[str, Any]], now: int) -> list[Met
                 explicit_bounds=tuple(family["bounds"]),
                 min=math.inf if series["min"] is None else series["min"],
                 max=-math.inf if series["max"] is None else series["max"],
+                exemplars=_exemplars(
+                    (None if e is None else (e[0], e[1], int(e[2], 16), int(e[3], 16)) for e in series["exemplars"]),
+                    since=0) if "exemplars" in series else [],
             ) for series in family["series"] if sum(series["counts"])]
             data: Any = Histogram(data_points=points, aggregation_temporality=_CUMULATIVE)
         else:
@@ -222,6 +228,13 @@ def _metrics_from_snapshot(families: list[dict[str, Any]], now: int) -> list[Met
         if points:
             metrics.append(Metric(family["name"], family["description"], family["unit"], data))
     return metrics
+
+
+def _exemplars(found: Any, since: int) -> list[Exemplar]:
+    """A series' bucket exemplars (``None`` or (value, Unix time, trace id, span id) each) as the SDK's
+    ``Exemplar`` objects, those observed at ``since`` (ns) or later: a delta point carries only its interval's."""
+    return [Exemplar({}, value, int(when * 1e9), span_id=span, trace_id=trace)
+            for value, when, trace, span in (e for e in found if e is not None) if when * 1e9 >= since]
 
 
 def _is_prometheus_reader(reader: MetricReader) -> bool:

@@ -67,3 +67,32 @@ def test_always_off_keeps_no_exemplar(telemetry, model, exemplar_filter):
 def test_a_bad_filter_names_the_accepted_ones():
     with pytest.raises(ValueError, match="trace_based, always_on, always_off"):
         exemplars.set_filter("sometimes")
+
+
+def test_otlp_push_carries_the_exemplars_of_the_spans_it_exports():
+    from conftest import run_python
+    from otlp_receiver import OTLPReceiver
+
+    with OTLPReceiver() as receiver:
+        result = run_python(
+            """
+            import kserve_otel
+            from kserve_otel import instrument_step
+            t = kserve_otel.configure()
+            step = instrument_step("predict", model_name="iris")(lambda: None)
+            for _ in range(3):
+                step()
+            t.force_flush()
+            kserve_otel.shutdown()
+            """,
+            env={"KSERVE_OTEL_ANNOTATIONS_FILE": "/nonexistent", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                 "KSERVE_OTEL_METRICS_EXPORTER": "otlp", "OTEL_TRACES_EXPORTER": "otlp",
+                 "OTEL_METRIC_EXPORT_INTERVAL": "60000"},
+        )
+        assert result.returncode == 0, result.stderr
+        [point, *_] = [p for p in receiver.histogram_points("request_predict") if p.count == 3]
+        spans = {(s.trace_id, s.span_id) for s in receiver.spans() if s.name == "predict iris"}
+    assert len(spans) == 3
+    [exemplar] = point.exemplars  # three observations in one bucket: the latest is its exemplar
+    assert (exemplar.trace_id, exemplar.span_id) in spans
+    assert 0 < exemplar.as_double < 0.005 and exemplar.time_unix_nano > 0

@@ -53,7 +53,7 @@ NAMESPACE, POD = "kserve-test", "iris-predictor-00001-deployment-5d8f7"
 #: pod, the test's models as Grafana formats a multi-value selection for a regex, and a rate interval.
 TEMPLATE_VALUES = {"namespace": NAMESPACE, "model": "(" + "|".join(MODELS) + ")", "__rate_interval": "1m"}
 #: Variables Grafana defines itself (the dashboard uses these in queries and data links).
-GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range", "__from", "__to", "__field"}
+GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range", "__from", "__to", "__field", "__value"}
 
 RAY_PANEL = ("Ray's per-node metrics endpoint exports it: no Ray cluster here; tests/test_ray_serve.py evaluates it "
              "with data, through a Prometheus scraping its Ray cluster")
@@ -359,6 +359,22 @@ def test_kserve_latency_panels_in_milliseconds_with_a_link_to_the_steps_traces()
         assert pane["datasource"] == query["datasource"]["uid"] == "tempo-uid"
         assert query["query"] == f'{{ span.{ATTR_STEP} = "{step}" && span.{ATTR_MODEL_NAME} = "iris" }}'
         assert pane["range"] == {"from": "1700000000000", "to": "now"}
+
+
+def test_latency_panels_show_exemplars_that_link_to_their_trace():
+    titles = {*(f"{step.capitalize()} latency (ms)" for step in STEPS), "HTTP request duration p99 by route (ms)",
+              "Predict p99 per replica (ms)"}
+    latency = [panel for panel in all_panels(dashboard()) if panel["title"] in titles]
+    assert len(latency) == 6, [panel["title"] for panel in latency]
+    for panel in latency:
+        p99 = [t for t in panel["targets"] if t["expr"].startswith("histogram_quantile(0.99")]
+        assert p99 and all(t.get("exemplar") is True for t in p99), panel["title"]
+        (override,) = [o for o in panel["fieldConfig"]["overrides"] if o["matcher"]["options"] == "trace_id"]
+        (link,) = override["properties"][0]["value"]
+        filled = link["url"].replace("${traces_datasource}", "tempo-uid").replace("${__value.raw}", "abc123")
+        filled = filled.replace("${__from}", "1").replace("${__to}", "now")
+        (pane,) = json.loads(urllib.parse.parse_qs(urllib.parse.urlsplit(filled).query)["panes"][0]).values()
+        assert pane["datasource"] == "tempo-uid" and pane["queries"][0]["query"] == "abc123", panel["title"]
 
 
 def _promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -29,6 +29,7 @@ import httpx
 import pytest
 from rich.console import Console
 from conftest import ROOT, KServeProcess, PrometheusProcess, free_port, wait_until
+from otlp_receiver import OTLPReceiver
 
 from kserve_otel.cli.main import main
 from kserve_otel.report.analysis import analyse
@@ -84,7 +85,7 @@ class ReportServer(KServeProcess):
     """A KServeProcess serving ``tests/report_serve.py`` on 127.0.0.1 only, without gRPC, with the fake NVML
     first on the path (KServeProcess builds the e2e module's command; waiting, logs and stopping are its own)."""
 
-    def __init__(self) -> None:  # not super().__init__(): it would start the e2e module
+    def __init__(self, traces_endpoint: str) -> None:  # not super().__init__(): it would start the e2e module
         import tempfile
 
         self.http_port, self.grpc_port = free_port(), free_port()
@@ -93,7 +94,8 @@ class ReportServer(KServeProcess):
         self._log = os.fdopen(descriptor, "w")
         path = os.pathsep.join(p for p in (FAKE_NVML, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "PYTHONPATH": path, "KSERVE_OTEL_ANNOTATIONS_FILE": "/nonexistent",
-               "OTEL_TRACES_EXPORTER": "none"}
+               "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": traces_endpoint,
+               "OTEL_BSP_SCHEDULE_DELAY": "200"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.report_serve", "--http_port", str(self.http_port),
              "--grpc_port", str(self.grpc_port), "--enable_grpc", "false"],
@@ -106,7 +108,7 @@ def _prometheus(targets: dict[str, str], tmp: Path) -> PrometheusProcess:
     config = tmp / "prometheus.yml"
     config.write_text("global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
                       f"scrape_configs: [{jobs}]\n")
-    return PrometheusProcess(config, tmp)
+    return PrometheusProcess(config, tmp, features=("exemplar-storage",))
 
 
 def _scrapes(prometheus: PrometheusProcess, job: str) -> int:
@@ -188,6 +190,7 @@ def _ray_node_exposition() -> Callable[[], str]:
 class Stack:
     server: ReportServer
     prometheus: PrometheusProcess
+    receiver: OTLPReceiver
     tight: Finished
     loose: Finished
     table: Finished
@@ -196,7 +199,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
     assert os.path.exists(PROMETHEUS), "Debian's prometheus is missing: scripts/setup.sh installs it"
-    server = ReportServer()
+    receiver = OTLPReceiver().__enter__()
+    server = ReportServer(receiver.endpoint)
     ray_node = _answering("text/plain; version=0.0.4", _ray_node_exposition())
     prometheus = _prometheus({"report": f"127.0.0.1:{server.http_port}",
                               "ray": f"127.0.0.1:{ray_node.server_address[1]}"}, tmp_path_factory.mktemp("prometheus"))
@@ -211,10 +215,11 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         assert traffic.sent > 10, traffic.sent
         after = _scrapes(prometheus, "report")
         wait_until(lambda: _scrapes(prometheus, "report") >= after + 2, "two scrapes after the traffic")
-        yield Stack(server, prometheus, tight, loose, table)
+        yield Stack(server, prometheus, receiver, tight, loose, table)
     finally:
         prometheus.stop()
         server.stop()
+        receiver.__exit__(None, None, None)
         ray_node.shutdown()
         ray_node.server_close()
 
@@ -322,6 +327,28 @@ def test_prometheus_mode_names_the_same_step(stack):
     (preprocess,) = [step for step in slow["steps"] if step["step"] == "preprocess"]
     assert 0.05 < preprocess["p99_seconds"] <= 0.25 and preprocess["time_share"] > 0.9
     assert doc["server"]["http_p99_seconds"] > 0.05 and len(doc["server"]["gpus"]) == 2
+
+
+def _received_preprocess_spans(stack: Stack) -> dict[str, float]:
+    """The trace ids of the preprocess spans of model "slow" the receiver got, with their durations."""
+    wait_until(lambda: stack.receiver.spans(), "spans at the receiver")
+    return {span.trace_id.hex(): (span.end_time_unix_nano - span.start_time_unix_nano) / 1e9
+            for span in stack.receiver.spans() if span.name == "preprocess slow"}
+
+
+@pytest_e2e
+def test_both_modes_name_the_slowest_traced_requests_of_the_dominant_step(stack):
+    prometheus = _finish(_report("--prometheus", stack.prometheus.url, "--selector", 'job="report"',
+                                 "--interval", "60s", "--slo", TIGHT_SLO, "--json"))
+    received = _received_preprocess_spans(stack)
+    for finished in (stack.tight, prometheus):
+        traces = finished.json["verdict"]["slowest_traces"]
+        assert 1 <= len(traces) <= 3, finished.json["verdict"]
+        assert [seconds for seconds, _ in traces] == sorted((seconds for seconds, _ in traces), reverse=True)
+        for seconds, trace_id in traces:
+            assert trace_id in received, "an exemplar's trace is a trace the receiver got"
+            assert seconds == pytest.approx(received[trace_id], abs=0.01) and seconds > 0.04
+    assert "slowest traced requests of preprocess:" in stack.table.stdout
 
 
 @pytest_e2e

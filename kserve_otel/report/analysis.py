@@ -92,6 +92,8 @@ class Analysis:
     seconds: float
     models: list[ModelStats]
     server: ServerStats
+    #: (model, step) -> exemplars of the window: (seconds, trace id) of observations with a trace.
+    exemplars: dict[tuple[str, str], list[tuple[float, str]]] = field(default_factory=dict)
 
     @property
     def requests(self) -> float:
@@ -100,7 +102,7 @@ class Analysis:
 
 def analyse(window: Window) -> Analysis:
     models = [_model(window, model) for model in window.models()]
-    return Analysis(window.seconds, models, _server(window, models))
+    return Analysis(window.seconds, models, _server(window, models), dict(window.exemplars))
 
 
 def _model(window: Window, model: str) -> ModelStats:

@@ -7,6 +7,7 @@ JSON answer, or text prometheus_client's parser refuses, is named as such instea
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -15,9 +16,14 @@ from .fetch import get
 
 #: Asked for: the Prometheus text format (every Prometheus client serves it).
 ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"
+#: Asked for when looking for exemplars: OpenMetrics, the format that carries them.
+ACCEPT_OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+
 _NOT_METRICS = ("text/html", "application/json", "application/xml", "image/")
 
 Labels = dict[str, str]
+#: An exemplar of a bucket series: the series' labels, the observed value, its Unix time and trace id.
+Exemplar = tuple[Labels, float, float, str]
 
 
 @dataclass
@@ -54,6 +60,26 @@ def scrape(url: str) -> Scrape:
         raise ReportError(f"{url} is not in the Prometheus text format ({_one_line(error)}; it begins "
                           f"{first_line!r}): is this the metrics path? KServe serves /metrics") from None
     return result
+
+
+def exemplars(url: str, names: set[str]) -> dict[str, list[Exemplar]]:
+    """The exemplars of the samples called one of ``names`` on ``url``, by sample name, from one OpenMetrics
+    scrape: what a best-effort look finds (an endpoint without OpenMetrics or exemplars gives none)."""
+    try:
+        response = get(url, ACCEPT_OPENMETRICS)
+        if response.content_type.split(";")[0].strip().lower() != "application/openmetrics-text":
+            return {}
+        found: dict[str, list[Exemplar]] = {}
+        for family in _parse(response.body, openmetrics=True):
+            for sample in family.samples:
+                exemplar = sample.exemplar
+                if sample.name in names and exemplar is not None and "trace_id" in exemplar.labels:
+                    when = float(exemplar.timestamp) if exemplar.timestamp is not None else math.nan
+                    found.setdefault(sample.name, []).append(
+                        (dict(sample.labels), float(exemplar.value), when, exemplar.labels["trace_id"]))
+        return found
+    except (ReportError, ValueError):
+        return {}
 
 
 def _parse(body: str, openmetrics: bool):  # type: ignore[no-untyped-def]

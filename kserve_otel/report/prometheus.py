@@ -44,6 +44,18 @@ class PrometheusAPI:
             raise ReportError(f"Prometheus answered a {data.get('resultType')} to {expr}, not a vector")
         return [(item["metric"], float(item["value"][1])) for item in data["result"]]
 
+    def exemplars(self, expr: str, seconds: float) -> list[tuple[dict[str, str], float, str]]:
+        """The exemplars of the series ``expr`` selects, of the last ``seconds``: (series labels, value, trace
+        id); none when the server keeps no exemplars (Prometheus without ``--enable-feature=exemplar-storage``)."""
+        params = {"query": expr, "start": f"{self.at - seconds:.3f}", "end": f"{self.at:.3f}"}
+        try:
+            data = self._api("query_exemplars", params)
+        except ReportError:
+            return []
+        return [(series.get("seriesLabels", {}), float(exemplar["value"]), exemplar["labels"]["trace_id"])
+                for series in data or () for exemplar in series.get("exemplars", ())
+                if "trace_id" in exemplar.get("labels", {})]
+
     def metric_names(self, match: str, seconds: float) -> list[str]:
         """Names of the series matching ``match`` that have samples in the last ``seconds``."""
         params = {"match[]": match, "start": f"{self.at - seconds:.3f}", "end": f"{self.at:.3f}"}
@@ -104,6 +116,10 @@ class PrometheusWindow:
             for (model,), histogram in self.histograms(family, (LABEL_MODEL_NAME,), QUANTILES, NO_STEP).items():
                 window.steps[(model, str(step))] = histogram
             self._deployments(window, family, str(step))
+            for labels, value, trace_id in self.api.exemplars(self.select(family + "_bucket"), self.seconds):
+                key = (labels.get(LABEL_MODEL_NAME, ""), str(step))
+                if key in window.steps:
+                    window.exemplars.setdefault(key, []).append((value, trace_id))
         if not window.steps:
             raise ReportError(self._no_steps())
         errors = self.api.query(f"sum by ({LABEL_MODEL_NAME}, {LABEL_STEP}, {LABEL_ERROR_TYPE}) "

@@ -98,6 +98,9 @@ def _print_verdict(console: Console, verdict: Verdict) -> None:
         console.print(Text(f"Dominant step: {verdict.dominant} "
                            f"({format_ratio(verdict.dominant_share)} of the time in its steps, p99 "
                            f"{format_seconds(verdict.dominant_p99_seconds)})", style="bold"))
+        if verdict.slowest_traces:
+            traces = ", ".join(f"{trace} ({format_seconds(seconds)})" for seconds, trace in verdict.slowest_traces)
+            console.print(f"  slowest traced requests of {verdict.dominant_step}: {traces}")
     for finding in verdict.findings:
         mark, style = _MARKS.get(finding.status, ("?", "yellow"))
         line = Text("  ")

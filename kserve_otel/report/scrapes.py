@@ -12,10 +12,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable
 
-from ..names import LABEL_ERROR_TYPE, LABEL_STEP
+from ..names import LABEL_ERROR_TYPE, LABEL_MODEL_NAME, LABEL_STEP
 from . import metric_names
 from .errors import ReportError
-from .exposition import Labels, Scrape, scrape
+from .exposition import Labels, Scrape, exemplars, scrape
 from .window import Histogram, Window, gpus_from
 
 Key = Hashable
@@ -28,7 +28,19 @@ def scrape_window(url: str, seconds: float, sleep: Callable[[float], None] = tim
     if not _step_names(first) and not _is_kserve_otel(first):  # kserve-otel's step series appear with traffic
         raise ReportError(_no_steps(url))
     sleep(max(0.0, seconds - (time.monotonic() - first.monotonic)))
-    return window_from_scrapes(first, scrape(url))
+    window = window_from_scrapes(first, scrape(url))
+    _exemplars(window, url, first.wall_time)
+    return window
+
+
+def _exemplars(window: Window, url: str, since: float) -> None:
+    """The step exemplars observed since ``since`` (the first scrape), from one more, OpenMetrics, scrape."""
+    names = {f"{window.prefix}request_{step}_seconds_bucket": step for _, step in window.steps}
+    for name, found in exemplars(url, set(names)).items():
+        for labels, value, when, trace_id in found:
+            model = labels.get(LABEL_MODEL_NAME)
+            if model and (model, names[name]) in window.steps and not when < since:
+                window.exemplars.setdefault((model, names[name]), []).append((value, trace_id))
 
 
 def window_from_scrapes(first: Scrape, second: Scrape) -> Window:

@@ -84,6 +84,9 @@ class Verdict:
     exit_code: int = EXIT_OK
     #: The Ray Serve deployments whose replicas ran the dominant step (empty elsewhere).
     deployments: list[str] = field(default_factory=list)
+    #: The dominant step's slowest observations that carry a trace (its histogram's exemplars), slowest first:
+    #: (seconds, trace id), at most :data:`SLOWEST_TRACES`.
+    slowest_traces: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def dominant(self) -> str:
@@ -92,6 +95,18 @@ class Verdict:
         if self.deployments:
             where = f" (deployment{'s' if len(self.deployments) > 1 else ''} {', '.join(self.deployments)})"
         return f"{self.dominant_step} of {self.model}{where}"
+
+
+#: How many of the dominant step's slowest traced requests the verdict names.
+SLOWEST_TRACES = 3
+
+
+def slowest_traces(exemplars: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """The slowest exemplars, one per trace, slowest first."""
+    slowest: dict[str, float] = {}
+    for seconds, trace_id in exemplars:
+        slowest[trace_id] = max(seconds, slowest.get(trace_id, seconds))
+    return sorted(((seconds, trace) for trace, seconds in slowest.items()), reverse=True)[:SLOWEST_TRACES]
 
 
 def judge(analysis: Analysis, slo_seconds: float | None, limits: Limits | None = None) -> Verdict:
@@ -113,6 +128,8 @@ def judge(analysis: Analysis, slo_seconds: float | None, limits: Limits | None =
         exit_code={"breached": EXIT_BREACHED, "not checked": EXIT_UNUSABLE}.get(status, EXIT_OK),
         deployments=list(focus.step_deployments.get(dominant.step, [])) if focus and dominant else [],
     )
+    if verdict.model is not None and verdict.dominant_step is not None:
+        verdict.slowest_traces = slowest_traces(analysis.exemplars.get((verdict.model, verdict.dominant_step), []))
     reference_p99 = max((check.p99_seconds for check in checks), default=None)
     verdict.findings = [
         _concurrency(analysis, limits), _cpu(analysis, limits), _memory(analysis, limits), _gpu(analysis, limits),

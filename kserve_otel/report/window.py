@@ -99,6 +99,8 @@ class Window:
     deployments: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     #: What reported during the window and no longer does (None: not known, as from two scrapes of one endpoint).
     stopped: list[Stopped] | None = None
+    #: (model, step) -> the exemplars of its histogram observed during the window: (seconds, trace id).
+    exemplars: dict[tuple[str, str], list[tuple[float, str]]] = field(default_factory=dict)
 
     def models(self) -> list[str]:
         return sorted({model for model, _ in self.steps})
