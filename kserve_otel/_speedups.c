@@ -109,6 +109,21 @@ typedef struct {
     unsigned long long trace_hi, trace_lo, span;
 } ExemplarSlot;
 
+/* With native, a native (exponential) histogram follows, as Prometheus defines it (see kserve_otel/speedups.py,
+ * NATIVE_*): a header of sequence number (odd while written), schema, zero count, offset (key of counts[0])
+ * and buckets in use, then NATIVE_MAX_BUCKETS counts. */
+#define NATIVE_SCHEMA 3
+#define NATIVE_MAX_BUCKETS 160
+#define NATIVE_ZERO_THRESHOLD 2.938735877055719e-39 /* 2^-128, Prometheus's default */
+typedef struct {
+    unsigned long long seq;
+    long long schema;
+    unsigned long long zero;
+    long long offset;
+    unsigned long long used;
+    unsigned long long counts[NATIVE_MAX_BUCKETS];
+} NativeBlock;
+
 typedef struct {
     PyObject_HEAD
     Py_ssize_t nbounds;
@@ -120,6 +135,8 @@ typedef struct {
     PyObject *mirror; /* callable or NULL */
     ExemplarSlot *exemplars; /* nbounds + 1 slots right after totals, or NULL without exemplars */
     int with_exemplars;
+    NativeBlock *native;     /* after the exemplars, or NULL without a native histogram */
+    int with_native;
     void *own;        /* the cells while not bound to a buffer, else NULL */
     Py_buffer view;   /* the buffer the cells live in once bound (view.obj is NULL before) */
 } HistogramObject;
@@ -129,10 +146,11 @@ typedef struct {
 #define H_MAX(h) ((h)->totals[2])
 
 static inline Py_ssize_t
-histogram_cells_size(Py_ssize_t nbounds, int with_exemplars)
+histogram_cells_size(Py_ssize_t nbounds, int with_exemplars, int with_native)
 {
     return (nbounds + 1) * (Py_ssize_t)sizeof(unsigned long long) + 3 * (Py_ssize_t)sizeof(double)
-        + (with_exemplars ? (nbounds + 1) * (Py_ssize_t)sizeof(ExemplarSlot) : 0);
+        + (with_exemplars ? (nbounds + 1) * (Py_ssize_t)sizeof(ExemplarSlot) : 0)
+        + (with_native ? (Py_ssize_t)sizeof(NativeBlock) : 0);
 }
 
 /* Point counts, totals and exemplars at cells starting at `at`. */
@@ -142,6 +160,83 @@ histogram_point(HistogramObject *self, char *at)
     self->counts = (unsigned long long *)at;
     self->totals = (double *)(at + (self->nbounds + 1) * sizeof(unsigned long long));
     self->exemplars = self->with_exemplars ? (ExemplarSlot *)(self->totals + 3) : NULL;
+    char *after = (char *)(self->totals + 3) + (self->with_exemplars ? (self->nbounds + 1) * sizeof(ExemplarSlot) : 0);
+    self->native = self->with_native ? (NativeBlock *)after : NULL;
+}
+
+/* Prometheus's bucket key of v > 0 at `schema` (its math.Frexp computation: kserve_otel/speedups.py, native_key) */
+static inline long long
+native_key(double v, long long schema)
+{
+    int exp;
+    double frac = frexp(v, &exp);
+    if (schema > 0) {
+        long long n = 1LL << schema, lo = 0, hi = n;
+        while (lo < hi) { /* bisect_left over 2^(j/n - 1), j < n */
+            long long mid = (lo + hi) / 2;
+            if (exp2((double)mid / (double)n - 1.0) < frac)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        return lo + (long long)(exp - 1) * n;
+    }
+    long long key = frac == 0.5 ? exp - 1 : exp;
+    long long shift = -schema;
+    return (key + (1LL << shift) - 1) >> shift; /* arithmetic shift: floor, as Go's */
+}
+
+/* Count v in the native histogram: the zero bucket, or its exponential bucket, lowering the schema (merging
+ * pairs of buckets) as often as the span of buckets needs. NaN is not counted there. */
+static void
+native_add(NativeBlock *b, double v)
+{
+    unsigned long long seq = b->seq;
+    __atomic_store_n(&b->seq, seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    if (v <= NATIVE_ZERO_THRESHOLD) {
+        b->zero += 1;
+    } else if (v == v) {
+        long long key = native_key(v, b->schema);
+        if (b->used == 0) {
+            b->offset = key;
+            b->used = 1;
+            b->counts[0] = 0;
+        }
+        long long low = key < b->offset ? key : b->offset;
+        long long top = b->offset + (long long)b->used - 1;
+        long long high = key > top ? key : top;
+        while (high - low + 1 > NATIVE_MAX_BUCKETS) {
+            /* schema - 1: key k becomes (k + 1) >> 1 */
+            long long new_offset = (b->offset + 1) >> 1;
+            unsigned long long merged[NATIVE_MAX_BUCKETS] = {0};
+            for (unsigned long long i = 0; i < b->used; i++)
+                merged[((b->offset + (long long)i + 1) >> 1) - new_offset] += b->counts[i];
+            long long new_top = (top + 1) >> 1;
+            b->used = (unsigned long long)(new_top - new_offset + 1);
+            memcpy(b->counts, merged, b->used * sizeof(unsigned long long));
+            b->offset = new_offset;
+            b->schema -= 1;
+            key = native_key(v, b->schema);
+            top = new_top;
+            low = key < b->offset ? key : b->offset;
+            high = key > top ? key : top;
+        }
+        if (low < b->offset) { /* room below */
+            long long shift = b->offset - low;
+            memmove(b->counts + shift, b->counts, b->used * sizeof(unsigned long long));
+            memset(b->counts, 0, (size_t)shift * sizeof(unsigned long long));
+            b->used += (unsigned long long)shift;
+            b->offset = low;
+        }
+        if (high > b->offset + (long long)b->used - 1) { /* room above */
+            unsigned long long used = (unsigned long long)(high - b->offset + 1);
+            memset(b->counts + b->used, 0, (used - b->used) * sizeof(unsigned long long));
+            b->used = used;
+        }
+        b->counts[key - b->offset] += 1;
+    }
+    __atomic_store_n(&b->seq, seq + 2, __ATOMIC_RELEASE);
 }
 
 static PyTypeObject HistogramType;
@@ -151,9 +246,9 @@ static int
 Histogram_init(HistogramObject *self, PyObject *args, PyObject *kwds)
 {
     PyObject *bounds = NULL;
-    int with_exemplars = 0;
-    static char *kwlist[] = {"bounds", "exemplars", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:Histogram", kwlist, &bounds, &with_exemplars))
+    int with_exemplars = 0, with_native = 0;
+    static char *kwlist[] = {"bounds", "exemplars", "native", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|pp:Histogram", kwlist, &bounds, &with_exemplars, &with_native))
         return -1;
     if (self->counts != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Histogram is already initialised");
@@ -164,7 +259,7 @@ Histogram_init(HistogramObject *self, PyObject *args, PyObject *kwds)
         return -1;
     Py_ssize_t n = PyTuple_GET_SIZE(tuple);
     double *values = PyMem_Calloc(n > 0 ? n : 1, sizeof(double));
-    unsigned long long *counts = PyMem_Calloc(1, histogram_cells_size(n, with_exemplars));
+    unsigned long long *counts = PyMem_Calloc(1, histogram_cells_size(n, with_exemplars, with_native));
     if (values == NULL || counts == NULL) {
         PyMem_Free(values);
         PyMem_Free(counts);
@@ -213,7 +308,10 @@ Histogram_init(HistogramObject *self, PyObject *args, PyObject *kwds)
     self->bounds = values;
     self->own = counts;
     self->with_exemplars = with_exemplars;
+    self->with_native = with_native;
     histogram_point(self, (char *)counts);
+    if (self->native != NULL)
+        self->native->schema = NATIVE_SCHEMA;
     H_SUM(self) = 0.0;
     H_MIN(self) = self->interval_min = INFINITY;
     H_MAX(self) = self->interval_max = -INFINITY;
@@ -263,6 +361,8 @@ histogram_add(HistogramObject *self, double v)
             hi = mid;
     }
     self->counts[lo] += 1;
+    if (self->native != NULL)
+        native_add(self->native, v);
     H_SUM(self) += v;
     /* the cumulative extremes are never inside the interval's: only a new interval extreme can be one */
     if (v < self->interval_min) {
@@ -347,6 +447,27 @@ Histogram_observe_exemplar(HistogramObject *self, PyObject *const *args, Py_ssiz
     if (call_mirror(self->mirror, args[0]) < 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+/* native(): (schema, zero threshold, zero count, offset, counts) or None */
+static PyObject *
+Histogram_native(HistogramObject *self, PyObject *unused)
+{
+    NativeBlock *b = self->native;
+    if (b == NULL)
+        Py_RETURN_NONE;
+    PyObject *counts = PyTuple_New((Py_ssize_t)b->used);
+    if (counts == NULL)
+        return NULL;
+    for (unsigned long long i = 0; i < b->used; i++) {
+        PyObject *c = PyLong_FromUnsignedLongLong(b->counts[i]);
+        if (c == NULL) {
+            Py_DECREF(counts);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(counts, (Py_ssize_t)i, c);
+    }
+    return Py_BuildValue("(LdKLN)", b->schema, NATIVE_ZERO_THRESHOLD, b->zero, b->offset, counts);
 }
 
 /* exemplars(): per bucket, None or (value, unix time, trace id, span id) */
@@ -441,7 +562,7 @@ Histogram_bind(HistogramObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     Py_buffer view;
-    Py_ssize_t size = histogram_cells_size(self->nbounds, self->with_exemplars);
+    Py_ssize_t size = histogram_cells_size(self->nbounds, self->with_exemplars, self->with_native);
     char *at = cells_place("Histogram", buffer, offset, size, &view);
     if (at == NULL)
         return NULL;
@@ -452,6 +573,11 @@ Histogram_bind(HistogramObject *self, PyObject *args, PyObject *kwds)
         double *totals = (double *)(at + (self->nbounds + 1) * sizeof(unsigned long long));
         totals[1] = INFINITY;
         totals[2] = -INFINITY;
+        if (self->with_native) {
+            char *native = (char *)(totals + 3)
+                + (self->with_exemplars ? (self->nbounds + 1) * sizeof(ExemplarSlot) : 0);
+            ((NativeBlock *)native)->schema = NATIVE_SCHEMA;
+        }
         self->interval_min = INFINITY;
         self->interval_max = -INFINITY;
     }
@@ -467,7 +593,7 @@ Histogram_bind(HistogramObject *self, PyObject *args, PyObject *kwds)
 static PyObject *
 Histogram_get_cells_size(HistogramObject *self, void *closure)
 {
-    return PyLong_FromSsize_t(histogram_cells_size(self->nbounds, self->with_exemplars));
+    return PyLong_FromSsize_t(histogram_cells_size(self->nbounds, self->with_exemplars, self->with_native));
 }
 
 static PyObject *
@@ -516,6 +642,9 @@ static PyMethodDef Histogram_methods[] = {
     {"observe_exemplar", (PyCFunction)(void (*)(void))Histogram_observe_exemplar, METH_FASTCALL,
      "observe_exemplar(value, trace_id, span_id)\n--\n\nObserve ``value`` and keep it, with the time and the "
      "ids, as the exemplar of its bucket (with exemplar cells)."},
+    {"native", (PyCFunction)Histogram_native, METH_NOARGS,
+     "native()\n--\n\n(schema, zero threshold, zero count, offset, bucket counts from key offset) of the native "
+     "histogram, or None without one."},
     {"exemplars", (PyCFunction)Histogram_exemplars, METH_NOARGS,
      "exemplars()\n--\n\nPer bucket, None or (value, Unix time, trace id, span id) of its latest exemplar."},
     {NULL}

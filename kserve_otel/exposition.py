@@ -33,6 +33,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from . import protobuf_exposition
 from .metrics_bridge import capturing_series
 from .text_exposition import direct_format
 from .text_exposition import write as write_text
@@ -55,7 +56,10 @@ _render_lock = threading.Lock()
 
 def render(registry: Collector, accept: str | None, accept_encoding: str | None) -> tuple[list[tuple[str, str]], bytes]:
     """The headers and body answering a scrape of ``registry``."""
-    encoder, content_type = choose_encoder(accept or "")
+    if protobuf_exposition.accepts(accept):
+        encoder, content_type = _PROTOBUF, protobuf_exposition.CONTENT_TYPE
+    else:
+        encoder, content_type = choose_encoder(accept or "")
     with _render_lock:
         body = _encode(registry, encoder)
     headers = [("Content-Type", content_type)]
@@ -79,7 +83,8 @@ def _encode(registry: Collector, encoder: Callable[[Collector], bytes]) -> bytes
     :class:`MergedCollector`'s rule of one family per name. Formats the writer does not write (name escapings
     other than underscores and UTF-8) go through ``encoder`` whole.
     """
-    direct = direct_format(encoder)
+    protobuf = encoder is _PROTOBUF
+    direct = (False, "") if protobuf else direct_format(encoder)
     if direct is None:
         return encoder(registry)
     openmetrics, escaping = direct
@@ -100,18 +105,26 @@ def _encode(registry: Collector, encoder: Callable[[Collector], bytes]) -> bytes
                     kept.append(family)
             families = kept
         if families:
-            body = encoder(_Families(families))
+            body = protobuf_exposition.write_families(families) if protobuf else encoder(_Families(families))
             if openmetrics and body.endswith(_EOF):
                 body = body[:-len(_EOF)]
             parts.append(body)
         for snapshot in captured:
-            parts.append(write_text(snapshot, openmetrics, escaping, seen).encode("utf-8"))
+            if protobuf:
+                parts.append(protobuf_exposition.write_snapshot(snapshot, seen))
+            else:
+                parts.append(write_text(snapshot, openmetrics, escaping, seen).encode("utf-8"))
     if openmetrics:
         parts.append(_EOF)
     return b"".join(parts)
 
 
 _EOF = b"# EOF\n"
+
+
+def _PROTOBUF(registry: Collector) -> bytes:  # noqa: N802 - stands for an encoder, as choose_encoder's are
+    """The protobuf exposition's encoder (served when the scraper asks for it: :mod:`.protobuf_exposition`)."""
+    return _encode(registry, _PROTOBUF)
 
 
 class _Families:

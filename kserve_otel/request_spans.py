@@ -59,6 +59,7 @@ class HTTPServerMetrics:
         self._duration = SERIES.histogram(
             REQUEST_DURATION, "Duration of HTTP server requests", UNIT_SECONDS,
             (ATTR_HTTP_METHOD, ATTR_HTTP_ROUTE, ATTR_HTTP_STATUS), bounds=HTTP_DURATION_BUCKETS, exemplars=True,
+            native=True,
         )
 
         #: The series of each label set, kept at hand (two family lookups a request are measurable here); a

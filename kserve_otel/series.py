@@ -34,8 +34,9 @@ class HistogramSeries(Histogram):
 
     __slots__ = ("attributes", "start_time_ns")
 
-    def __init__(self, attributes: dict[str, object], bounds: tuple[float, ...], exemplars: bool = False) -> None:
-        super().__init__(bounds, exemplars)
+    def __init__(self, attributes: dict[str, object], bounds: tuple[float, ...], exemplars: bool = False,
+                 native: bool = False) -> None:
+        super().__init__(bounds, exemplars, native)
         self.attributes = attributes
         self.start_time_ns = time_ns()
 
@@ -127,15 +128,17 @@ class HistogramFamily(Family):
 
     def __init__(
         self, name: str, description: str, unit: str, label_names: Sequence[str], bounds: Sequence[float],
-        exemplars: bool = False,
+        exemplars: bool = False, native: bool = False,
     ) -> None:
         super().__init__(name, description, unit, label_names)
         self.bounds = tuple(float(b) for b in bounds)
         #: Whether each series keeps an exemplar per bucket (its latest observation made in a sampled span).
         self.exemplars = exemplars
+        #: Whether each series keeps a native (exponential) histogram too, beside the classic buckets.
+        self.native = native
 
     def _new(self, attributes: dict[str, object]) -> HistogramSeries:
-        return HistogramSeries(attributes, self.bounds, self.exemplars)
+        return HistogramSeries(attributes, self.bounds, self.exemplars, self.native)
 
     def series(self, *label_values: str) -> HistogramSeries:
         """The series of these label values (in ``label_names`` order), created on first use."""
@@ -202,13 +205,14 @@ class SeriesRegistry:
 
     def histogram(
         self, name: str, description: str, unit: str, label_names: Sequence[str],
-        bounds: Sequence[float] | None = None, exemplars: bool = False,
+        bounds: Sequence[float] | None = None, exemplars: bool = False, native: bool = False,
     ) -> HistogramFamily:
         """The histogram family ``name``, created with ``bounds`` (else :attr:`default_bounds`) on first use;
-        with ``exemplars``, each series keeps the latest exemplar of each bucket."""
+        with ``exemplars``, each series keeps the latest exemplar of each bucket; with ``native``, a native
+        histogram too."""
         return self._family(name, lambda: HistogramFamily(
             name, description, unit, label_names, bounds if bounds is not None else self.default_bounds,
-            exemplars,
+            exemplars, native,
         ))  # type: ignore[return-value]
 
     def counter(self, name: str, description: str, unit: str, label_names: Sequence[str]) -> CounterFamily:

@@ -48,10 +48,11 @@ from typing import Any
 
 from .series import REGISTRY, HistogramFamily, SeriesRegistry
 from .snapshots import (
-    Snapshot, exemplar_entries, histogram_entry, merge_snapshots, snapshot_registry, warn_now_and_then,
-    without_gauges,
+    Snapshot, exemplar_entries, histogram_entry, merge_snapshots, native_entry, snapshot_registry,
+    warn_now_and_then, without_gauges,
 )
 from .speedups import EXEMPLAR_SLOT as _EXEMPLAR
+from .speedups import NATIVE_HEADER, NATIVE_MAX_BUCKETS, NATIVE_SIZE, NATIVE_ZERO_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,8 @@ def _description(family: Any, series: Any) -> bytes:
         entry["bounds"] = list(family.bounds)
         if family.exemplars:
             entry["exemplars"] = True
+        if family.native:
+            entry["native"] = True
     return json.dumps(entry, separators=(",", ":")).encode()
 
 
@@ -233,7 +236,7 @@ class _NotReady(Exception):
 
 
 class _Record:
-    __slots__ = ("kind", "family", "attributes", "start", "at", "buckets", "exemplars")
+    __slots__ = ("kind", "family", "attributes", "start", "at", "buckets", "exemplars", "native")
 
     def __init__(self, description: dict[str, Any], at: int) -> None:
         self.kind = description["kind"]
@@ -243,6 +246,9 @@ class _Record:
         self.exemplars = description.get("exemplars") is True
         if self.exemplars:
             self.family["exemplars"] = True
+        self.native = description.get("native") is True
+        if self.native:
+            self.family["native"] = True
         self.attributes = description["attributes"]
         self.start = int(description["start"])
         self.at = at
@@ -291,6 +297,8 @@ class _Chunk:
             needed = 8 * record.buckets + 24 if record.kind == "histogram" else 8
             if record.exemplars:
                 needed += _EXEMPLAR.size * record.buckets
+            if record.native:
+                needed += NATIVE_SIZE
             if cells_at + needed > at + length:
                 raise ValueError(f"record at {at} too short for its cells")
             self.records.append(record)
@@ -313,6 +321,9 @@ class _Chunk:
                         exemplars = exemplar_entries(self._exemplars(record))
                         if exemplars is not None:
                             item["exemplars"] = exemplars
+                    native = native_entry(self._native(record)) if record.native else None
+                    if native is not None:
+                        item["native"] = native
                     family["series"].append(item)
             else:
                 (value,) = struct.unpack_from("=q", self.map, record.at)
@@ -320,6 +331,19 @@ class _Chunk:
                                          "value": value})
         return [family for family in families.values() if family["series"]]
 
+
+    def _native(self, record: _Record) -> tuple[int, float, int, int, tuple[int, ...]] | None:
+        """The record's native histogram, read whole (its sequence number even and unchanged around the read;
+        read again while it is being written, and left out after a hundred tries)."""
+        at = record.at + 8 * record.buckets + 24 + (_EXEMPLAR.size * record.buckets if record.exemplars else 0)
+        for _ in range(100):
+            seq, schema, zero, offset, used = NATIVE_HEADER.unpack_from(self.map, at)
+            if seq & 1 or used > NATIVE_MAX_BUCKETS:
+                continue
+            counts = struct.unpack_from(f"={used}Q", self.map, at + NATIVE_HEADER.size)
+            if struct.unpack_from("=Q", self.map, at)[0] == seq:
+                return schema, NATIVE_ZERO_THRESHOLD, zero, offset, counts
+        return None
 
     def _exemplars(self, record: _Record) -> list[tuple[float, float, int, int] | None]:
         """The record's exemplar slots, each read whole (its sequence number even and unchanged around the

@@ -7,8 +7,10 @@ metric data. A family is ``{"name", "kind", "description", "unit", "label_names"
 ``"bounds"``, and ``"exemplars": true`` when its series keep exemplars); a histogram series is
 ``{"attributes", "start", "counts", "sum", "min", "max"}`` (min and max ``None`` when nothing was observed),
 with ``"exemplars"`` when it has any: per bucket ``None`` or ``[value, unix time, trace id, span id]`` (the ids
-as 32 and 16 lower-case hex digits); a counter's is ``{"attributes", "start", "value"}``. Summing keeps the
-latest exemplar of each bucket.
+as 32 and 16 lower-case hex digits), and with ``"native"`` when its family keeps native histograms
+(``"native": true`` on the family): ``{"schema", "zero_threshold", "zero_count", "offset", "counts"}``, the bucket
+counts from key ``offset``; a counter's is ``{"attributes", "start", "value"}``. Summing keeps the latest
+exemplar of each bucket, and adds native histograms at the lower of their schemas.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .series import CounterFamily, HistogramFamily, SeriesRegistry
+from .speedups import native_reduce
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,34 @@ def family_entry(family: Any) -> dict[str, Any]:
         entry["bounds"] = list(family.bounds)
         if family.exemplars:
             entry["exemplars"] = True
+        if family.native:
+            entry["native"] = True
     return entry
+
+
+def native_entry(native: tuple[int, float, int, int, Iterable[int]] | None) -> dict[str, Any] | None:
+    """A series' native histogram as a snapshot holds it (from ``Histogram.native()``)."""
+    if native is None:
+        return None
+    schema, threshold, zero, offset, counts = native
+    return {"schema": schema, "zero_threshold": threshold, "zero_count": zero, "offset": offset,
+            "counts": list(counts)}
+
+
+def add_native(ours: dict[str, Any] | None, theirs: dict[str, Any]) -> dict[str, Any]:
+    """The sum of two native histograms, at the lower of their schemas."""
+    if ours is None:
+        return {**theirs, "counts": list(theirs["counts"])}
+    schema = min(ours["schema"], theirs["schema"])
+    total: dict[int, int] = {}
+    for native in (ours, theirs):
+        offset, counts = native_reduce(native["offset"], native["counts"], native["schema"] - schema)
+        for index, count in enumerate(counts):
+            total[offset + index] = total.get(offset + index, 0) + count
+    offset = min(total, default=0)
+    counts = [total.get(key, 0) for key in range(offset, max(total, default=-1) + 1)]
+    return {"schema": schema, "zero_threshold": max(ours["zero_threshold"], theirs["zero_threshold"]),
+            "zero_count": ours["zero_count"] + theirs["zero_count"], "offset": offset, "counts": counts}
 
 
 def exemplar_entries(exemplars: Iterable[tuple[float, float, int, int] | None]) -> list[list[Any] | None] | None:
@@ -79,6 +109,8 @@ def snapshot_registry(registry: SeriesRegistry) -> Snapshot:
                     exemplars = exemplar_entries(series.exemplars()) if family.exemplars else None
                     if exemplars is not None:
                         item["exemplars"] = exemplars
+                    if family.native:
+                        item["native"] = native_entry(series.native())
                     entry["series"].append(item)
         elif isinstance(family, CounterFamily):
             entry["series"] = [
@@ -118,6 +150,8 @@ def merge_snapshots(snapshots: Iterable[Snapshot]) -> Snapshot:
                 into["counts"] = [a + b for a, b in zip(into["counts"], series["counts"], strict=True)]
                 if "exemplars" in series:
                     into["exemplars"] = _latest(into.get("exemplars"), series["exemplars"])
+                if "native" in series:
+                    into["native"] = add_native(into.get("native"), series["native"])
                 into["sum"] += series["sum"]
                 into["min"] = min((v for v in (into["min"], series["min"]) if v is not None), default=None)
                 into["max"] = max((v for v in (into["max"], series["max"]) if v is not None), default=None)

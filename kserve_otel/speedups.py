@@ -41,6 +41,46 @@ _EXEMPLAR = EXEMPLAR_SLOT
 _SEQ = struct.Struct("=Q")
 _LOW_64 = (1 << 64) - 1
 
+#: Native (exponential) histograms, as Prometheus defines them: bucket ``k`` of schema ``s`` holds
+#: (2^((k-1)/2^s), 2^(k/2^s)]; values at or below the zero threshold count in the zero bucket. A histogram starts
+#: at :data:`NATIVE_SCHEMA` (buckets about 9 % wide) and halves its resolution (schema - 1, pairs of buckets
+#: merged) whenever its observations would span more than :data:`NATIVE_MAX_BUCKETS` buckets, as
+#: OpenTelemetry's exponential aggregation does.
+NATIVE_SCHEMA = 3
+NATIVE_MAX_BUCKETS = 160
+NATIVE_ZERO_THRESHOLD = 2.0 ** -128
+#: The native block's header: sequence number (odd while written), schema, zero count, offset (the key of the
+#: first bucket), buckets in use; then NATIVE_MAX_BUCKETS counts.
+NATIVE_HEADER = struct.Struct("=QqQqQ")
+NATIVE_SIZE = NATIVE_HEADER.size + 8 * NATIVE_MAX_BUCKETS
+#: The lower bounds of the buckets of each positive schema within one power of two (Prometheus's
+#: nativeHistogramBounds), for :func:`native_key`.
+_NATIVE_BOUNDS = {s: tuple(2.0 ** (j / (1 << s) - 1) for j in range(1 << s)) for s in range(1, 9)}
+
+
+def native_key(value: float, schema: int) -> int:
+    """The native bucket ``value`` (> 0) falls in at ``schema``: Prometheus's own computation (``math.Frexp``)."""
+    frac, exp = math.frexp(value)
+    if schema > 0:
+        bounds = _NATIVE_BOUNDS[schema]
+        return bisect_left(bounds, frac) + (exp - 1) * len(bounds)
+    key = exp - 1 if frac == 0.5 else exp
+    return (key + (1 << -schema) - 1) >> -schema
+
+
+def native_reduce(offset: int, counts: list[int], by: int) -> tuple[int, list[int]]:
+    """Buckets ``counts`` (from key ``offset``) at a schema ``by`` lower: each ``2**by`` neighbours merged."""
+    if by <= 0 or not counts:
+        return offset, list(counts)
+    merged: dict[int, int] = {}
+    for index, count in enumerate(counts):
+        key = offset + index
+        for _ in range(by):
+            key = (key + 1) >> 1
+        merged[key] = merged.get(key, 0) + count
+    low, high = min(merged), max(merged)
+    return low, [merged.get(key, 0) for key in range(low, high + 1)]
+
 
 def _cells(size: int, buffer: Any = None, offset: int = 0) -> memoryview:
     """``size`` bytes of cells: fresh zeroed memory, or the part of ``buffer`` at ``offset`` (8-byte aligned)."""
@@ -63,15 +103,17 @@ class PyHistogram:
     (:mod:`kserve_otel.series_files`). The interval extremes stay in the object: only delta readers use them.
     """
 
-    __slots__ = ("bounds", "with_exemplars", "_cells", "_counts", "_totals", "_interval_min", "_interval_max",
-                 "_lock", "mirror")
+    __slots__ = ("bounds", "with_exemplars", "with_native", "_cells", "_counts", "_totals", "_interval_min",
+                 "_interval_max", "_lock", "mirror")
 
-    def __init__(self, bounds: Iterable[float], exemplars: bool = False) -> None:
+    def __init__(self, bounds: Iterable[float], exemplars: bool = False, native: bool = False) -> None:
         self.bounds = tuple(float(b) for b in bounds)
         if any(not a < b for a, b in zip(self.bounds, self.bounds[1:])):
             raise ValueError("Histogram bounds must be strictly increasing")
         #: Whether the cells hold an exemplar slot per bucket (see :meth:`observe_exemplar`).
         self.with_exemplars = bool(exemplars)
+        #: Whether the cells hold a native (exponential) histogram too (see :data:`NATIVE_SCHEMA`).
+        self.with_native = bool(native)
         self._lock = threading.Lock()
         self._place(_cells(self.cells_size), carry=None)
         #: Called with every observed value too, when set (see :func:`kserve_otel.series.set_mirror_factory`).
@@ -80,6 +122,10 @@ class PyHistogram:
     @property
     def cells_size(self) -> int:
         """Bytes that :meth:`bind` needs in its buffer."""
+        return self._native_at + (NATIVE_SIZE if self.with_native else 0)
+
+    @property
+    def _native_at(self) -> int:
         return 8 * (len(self.bounds) + 1) + 24 + (_EXEMPLAR.size * (len(self.bounds) + 1) if self.with_exemplars else 0)
 
     def _place(self, cells: memoryview, carry: bool | None) -> None:
@@ -90,6 +136,8 @@ class PyHistogram:
         else:
             cells[:] = bytes(len(cells))
             totals[0], totals[1], totals[2] = 0.0, math.inf, -math.inf
+            if self.with_native:
+                NATIVE_HEADER.pack_into(cells, self._native_at, 0, NATIVE_SCHEMA, 0, 0, 0)
             self._interval_min, self._interval_max = math.inf, -math.inf
         self._cells, self._counts, self._totals = cells, counts, totals
 
@@ -120,6 +168,43 @@ class PyHistogram:
         return tuple(None if seq == 0 else (value, when, (hi << 64) | lo, span)
                      for seq, value, when, hi, lo, span in slots)
 
+    def _native_add(self, value: float) -> None:
+        """Count ``value`` in the native histogram (the lock held): the zero bucket, or its exponential bucket,
+        the schema lowered as often as the span of buckets needs. NaN is not counted there."""
+        cells, at = self._cells, self._native_at
+        seq, schema, zero, offset, used = NATIVE_HEADER.unpack_from(cells, at)
+        NATIVE_HEADER.pack_into(cells, at, seq + 1, schema, zero, offset, used)  # odd: being written
+        counts_at = at + NATIVE_HEADER.size
+        if value <= NATIVE_ZERO_THRESHOLD:  # durations are never negative: below the threshold is zero
+            zero += 1
+        elif value == value:
+            key = native_key(value, schema)
+            counts = list(struct.unpack_from(f"={used}Q", cells, counts_at)) if used else []
+            if not counts:
+                offset, counts = key, [0]
+            low, high = min(offset, key), max(offset + len(counts) - 1, key)
+            while high - low + 1 > NATIVE_MAX_BUCKETS:
+                offset, counts = native_reduce(offset, counts, 1)
+                schema -= 1
+                key = native_key(value, schema)
+                low, high = min(offset, key), max(offset + len(counts) - 1, key)
+            counts = [0] * (offset - low) + counts + [0] * (high - (offset + len(counts) - 1))
+            offset = low
+            counts[key - offset] += 1
+            used = len(counts)
+            struct.pack_into(f"={used}Q", cells, counts_at, *counts)
+        NATIVE_HEADER.pack_into(cells, at, seq + 2, schema, zero, offset, used)  # even: whole
+
+    def native(self) -> tuple[int, float, int, int, tuple[int, ...]] | None:
+        """(schema, zero threshold, zero count, offset, bucket counts from the key ``offset``) of the native
+        histogram, or ``None`` without one."""
+        if not self.with_native:
+            return None
+        with self._lock:
+            _, schema, zero, offset, used = NATIVE_HEADER.unpack_from(self._cells, self._native_at)
+            counts = struct.unpack_from(f"={used}Q", self._cells, self._native_at + NATIVE_HEADER.size)
+        return schema, NATIVE_ZERO_THRESHOLD, zero, offset, counts
+
     def bind(self, buffer: Any, offset: int, carry: bool = True) -> None:
         """Keep the cells in the writable ``buffer`` at ``offset`` from now on, with what was counted so far
         unless ``carry`` is false."""
@@ -140,6 +225,8 @@ class PyHistogram:
         lock.acquire()
         try:
             self._counts[index] += 1
+            if self.with_native:
+                self._native_add(number)
             totals = self._totals
             totals[0] += number
             # The cumulative extremes are never inside the interval's: only a new interval extreme can be one.

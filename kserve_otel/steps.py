@@ -76,7 +76,7 @@ class _ModelInfo:
         self.name = model
         self.series: HistogramSeries = REGISTRY.histogram(
             step_instrument_name(step), f"Duration of the {step} step", UNIT_SECONDS, (LABEL_MODEL_NAME,),
-            exemplars=True,
+            exemplars=True, native=True,
         ).series(model)
         self.span_name = f"{step} {model}"
         self.span_attributes = {ATTR_MODEL_NAME: model, ATTR_STEP: step}

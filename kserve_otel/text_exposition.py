@@ -21,7 +21,7 @@ The reader's own families (``target_info``, the SDK's metrics) still go through 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from itertools import accumulate
 from typing import Any
@@ -73,16 +73,12 @@ def family_name(family: dict[str, Any]) -> str:
     return name
 
 
-def write(snapshot: Snapshot, openmetrics: bool = False, escaping: str = UNDERSCORES,
-          seen: set[str] | None = None) -> str:
-    """The families of ``snapshot`` in the Prometheus text format 0.0.4 (or OpenMetrics 1.0, without the
-    closing ``# EOF``). With ``seen``, families whose name is in it are left out and the names written are
-    added to it (first one wins, as in :class:`~kserve_otel.exposition.MergedCollector`)."""
-    out: list[str] = []
-    counts = _Formatted()
+def families_to_write(snapshot: Snapshot, seen: set[str] | None) -> Iterator[tuple[dict[str, Any], str, list[Any]]]:
+    """The families of ``snapshot`` that an exposition writes, each with its name and the series to write:
+    histograms without observations are left out, families left empty skipped, and with ``seen`` the names
+    already written elsewhere skipped (first one wins) and the written ones added. Both encodings use it."""
     for family in snapshot:
-        kind = family["kind"]
-        if kind == "histogram":
+        if family["kind"] == "histogram":
             series = [s for s in family["series"] if sum(s["counts"])]
         else:
             series = family["series"]
@@ -93,6 +89,18 @@ def write(snapshot: Snapshot, openmetrics: bool = False, escaping: str = UNDERSC
             if name in seen:
                 continue
             seen.add(name)
+        yield family, name, series
+
+
+def write(snapshot: Snapshot, openmetrics: bool = False, escaping: str = UNDERSCORES,
+          seen: set[str] | None = None) -> str:
+    """The families of ``snapshot`` in the Prometheus text format 0.0.4 (or OpenMetrics 1.0, without the
+    closing ``# EOF``). With ``seen``, families whose name is in it are left out and the names written are
+    added to it (first one wins, as in :class:`~kserve_otel.exposition.MergedCollector`)."""
+    out: list[str] = []
+    counts = _Formatted()
+    for family, name, series in families_to_write(snapshot, seen):
+        kind = family["kind"]
         _header(out, family, name, kind, openmetrics)
         sample = name.replace(":", "_") if openmetrics and escaping == UNDERSCORES else name
         rows, keys = _label_rows(series)

@@ -1,0 +1,224 @@
+"""Native histograms: every step and HTTP duration histogram keeps an exponential histogram beside KServe's
+buckets, served in the protobuf exposition a Prometheus with ``--enable-feature=native-histograms`` asks for,
+and read by it: a step that busy-waits 0.3 ms has a p99 near 0.3 ms, where KServe's buckets (5 ms first) say
+4.95 ms. A scraper that does not ask for protobuf gets the text formats as before."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, PrometheusProcess, free_port, wait_until
+
+from kserve_otel import protobuf_exposition, speedups
+from kserve_otel.exposition import render
+from kserve_otel.series import SeriesRegistry
+from kserve_otel.snapshots import merge_snapshots, snapshot_registry
+
+PROMETHEUS_ACCEPT = ("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;"
+                     "q=0.7,text/plain;version=0.0.4;q=0.3,*/*;q=0.1")  # what Prometheus 2.42 sends with the flag
+
+
+@pytest.fixture(scope="module")
+def pb(tmp_path_factory):
+    """prometheus/client_model's messages, compiled from tests/prometheus_metrics.proto by protobuf's protoc."""
+    import grpc_tools
+    from grpc_tools import protoc
+
+    out = tmp_path_factory.mktemp("proto")
+    include = Path(grpc_tools.__file__).parent / "_proto"
+    tests = Path(__file__).parent
+    assert protoc.main(["protoc", f"-I{tests}", f"-I{include}", f"--python_out={out}",
+                        str(tests / "prometheus_metrics.proto")]) == 0
+    spec = importlib.util.spec_from_file_location("prometheus_metrics_pb2", out / "prometheus_metrics_pb2.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def decode(pb, body: bytes) -> dict:
+    """The delimited MetricFamily messages of ``body``, by name."""
+    from google.protobuf.internal.decoder import _DecodeVarint
+
+    families, at = {}, 0
+    while at < len(body):
+        size, at = _DecodeVarint(body, at)
+        family = pb.MetricFamily.FromString(body[at: at + size])
+        families[family.name] = family
+        at += size
+    return families
+
+
+def native_buckets(histogram) -> dict[int, int]:
+    """Key -> count of a decoded native histogram (spans and deltas undone)."""
+    buckets, key, count = {}, None, 0
+    deltas = iter(histogram.positive_delta)
+    for span in histogram.positive_span:
+        key = span.offset if key is None else key + span.offset
+        for _ in range(span.length):
+            count += next(deltas)
+            buckets[key] = count
+            key += 1
+    return buckets
+
+
+def test_both_implementations_bucket_values_as_prometheus_does():
+    # bucket k of schema s holds (2^((k-1)/2^s), 2^(k/2^s)]: the upper bounds themselves belong to it
+    for schema in (3, 2, 1, 0, -1, -2):
+        for key in range(-40, 40):
+            upper = 2.0 ** (key / 2 ** schema)
+            assert speedups.native_key(upper, schema) == key, (schema, key)
+            assert speedups.native_key(upper * (1 + 1e-9), schema) == key + 1, (schema, key)
+    for implementation in (speedups.PyHistogram, speedups.Histogram):
+        histogram = implementation([0.005], native=True)
+        for value in (0.0, 0.0003, 0.0003, 1.0, math.nan):
+            histogram.observe(value)
+        schema, threshold, zero, offset, counts = histogram.native()
+        assert (schema, threshold, zero) == (3, 2.0 ** -128, 1)
+        assert {offset + i: c for i, c in enumerate(counts) if c} == {
+            speedups.native_key(0.0003, 3): 2, 0: 1}
+        assert histogram.count == 5, "the classic buckets count every value"
+
+
+def test_the_schema_is_lowered_so_that_at_most_160_buckets_are_kept():
+    for implementation in (speedups.PyHistogram, speedups.Histogram):
+        histogram = implementation([1.0], native=True)
+        values = [10 ** (k / 100) for k in range(-700, 300)]  # 1e-7 .. 1e3 seconds
+        for value in values:
+            histogram.observe(value)
+        schema, _, _, offset, counts = histogram.native()
+        assert schema == 2 and len(counts) <= 160 and sum(counts) == len(values)
+        for value in (1e-7, 1.0, 999.0):  # each value is in the bucket its key names at the final schema
+            assert 0 <= speedups.native_key(value, schema) - offset < len(counts)
+
+
+def test_the_protobuf_exposition_holds_both_forms_and_other_collectors(pb):
+    registry = SeriesRegistry()
+    family = registry.histogram("request_predict", "Duration of the predict step", "s", ("model_name",),
+                                bounds=(0.005, 0.01), exemplars=True, native=True)
+    for value in (0.0003, 0.0003, 0.002, 0.007, 1.0):
+        family.series("iris").observe(value)
+    family.series("iris").observe_exemplar(0.0004, 0xABC, 0xDEF)
+    registry.counter("request_step_errors", "Errors", "", ("model_name",)).series("iris").add(2)
+    snapshot = snapshot_registry(registry)
+
+    families = decode(pb, protobuf_exposition.write_snapshot(snapshot))
+
+    histogram = families["request_predict_seconds"]
+    assert histogram.type == pb.HISTOGRAM and histogram.help == "Duration of the predict step"
+    (metric,) = histogram.metric
+    assert {label.name: label.value for label in metric.label} == {"model_name": "iris"}
+    h = metric.histogram
+    assert (h.sample_count, h.schema, h.zero_count) == (6, 3, 0) and h.sample_sum == pytest.approx(1.01)
+    assert [(b.upper_bound, b.cumulative_count) for b in h.bucket] == [(0.005, 4), (0.01, 5)]
+    (exemplar,) = [b.exemplar for b in h.bucket if b.HasField("exemplar")]
+    assert {label.name: label.value for label in exemplar.label} == {"trace_id": f"{0xABC:032x}",
+                                                                     "span_id": f"{0xDEF:016x}"}
+    expected: dict[int, int] = {}
+    for value in (0.0003, 0.0003, 0.002, 0.007, 1.0, 0.0004):
+        key = speedups.native_key(value, 3)
+        expected[key] = expected.get(key, 0) + 1
+    assert native_buckets(h) == expected
+    assert families["request_step_errors_total"].type == pb.COUNTER
+    assert families["request_step_errors_total"].metric[0].counter.value == 2
+
+    other = SeriesRegistry()
+    other.histogram("request_predict", "Duration of the predict step", "s", ("model_name",),
+                    bounds=(0.005, 0.01), native=True).series("iris").observe(30.0)  # a wider range: lower schema?
+    summed = merge_snapshots([snapshot, snapshot_registry(other)])
+    (metric,) = decode(pb, protobuf_exposition.write_snapshot(summed))["request_predict_seconds"].metric
+    assert metric.histogram.sample_count == 7 and sum(native_buckets(metric.histogram).values()) == 7
+
+
+def test_render_serves_protobuf_only_to_a_scraper_that_asks_for_it(pb):
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from kserve_otel.exposition import MergedCollector
+
+    gauges = CollectorRegistry()
+    Gauge("process_open_fds", "Open file descriptors", registry=gauges).set(7)
+    headers, body = render(gauges, PROMETHEUS_ACCEPT, None)
+    assert dict(headers)["Content-Type"] == protobuf_exposition.CONTENT_TYPE
+    assert decode(pb, body)["process_open_fds"].metric[0].gauge.value == 7
+    headers, body = render(MergedCollector(gauges), "text/plain;version=0.0.4", None)
+    assert dict(headers)["Content-Type"].startswith("text/plain") and b"process_open_fds 7.0" in body
+
+
+# ------------------------------------------------------------------------------------ a real Prometheus
+
+SERVER = """
+import sys, time
+import kserve_otel
+from kserve_otel import instrument_step
+kserve_otel.configure(metrics_host="127.0.0.1", metrics_port=int(sys.argv[1]), annotations_file="/nonexistent")
+
+@instrument_step("predict", model_name="busy")
+def predict():
+    until = time.perf_counter() + 0.0003
+    while time.perf_counter() < until:
+        pass
+
+# Each call's own duration (timed around the step, a microsecond more than the step's), with the wall time,
+# so that the test compares Prometheus's p99 with the true one of the same minute, however loaded the machine.
+log = open(sys.argv[2], "a", buffering=1 << 16)
+print("ready", flush=True)
+while True:
+    start = time.perf_counter()
+    predict()
+    log.write(f"{time.time()} {time.perf_counter() - start}\\n")
+    time.sleep(0.002)
+"""
+
+
+@pytest.fixture(scope="module")
+def busy_server(tmp_path_factory) -> Iterator[tuple[int, Path]]:
+    port = free_port()
+    durations = tmp_path_factory.mktemp("busy") / "durations"
+    child = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(durations)], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        yield port, durations
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        if child.stdout:
+            child.stdout.close()
+
+
+def _true_p99(durations: Path, since: float, until: float) -> float:
+    values = sorted(float(d) for t, d in (line.split() for line in durations.read_text().splitlines()
+                                            if line.count(" ") == 1) if since <= float(t) <= until)
+    assert len(values) > 1000, len(values)
+    return values[int(len(values) * 0.99)]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("features", [("native-histograms",), ()], ids=["native", "classic"])
+def test_prometheus_reads_a_sub_millisecond_p99(busy_server, tmp_path, features):
+    port, durations = busy_server
+    with PrometheusProcess.scraping(port, tmp_path, features=features) as prometheus:
+        def p99() -> float | None:
+            query = ("histogram_quantile(0.99, sum(rate(request_predict_seconds[1m])))" if features else
+                     "histogram_quantile(0.99, sum by (le) (rate(request_predict_seconds_bucket[1m])))")
+            result = prometheus.query(query)["data"]["result"]
+            return float(result[0]["value"][1]) if result else None
+
+        wait_until(lambda: p99() is not None and not math.isnan(p99() or math.nan), "a p99 in Prometheus", 60)
+        time.sleep(3)
+        measured, now = p99(), time.time()
+    assert measured is not None
+    if features:  # within 20 % of the true p99 of the minute (0.3 ms on an idle machine, more when loaded)
+        true = _true_p99(durations, now - 60, now)
+        assert true * 0.8 <= measured <= true * 1.2, (measured, true)
+    else:  # without the flag, the text format's classic buckets: KServe's first bucket is 5 ms
+        assert 0.003 < measured <= 0.005, measured
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
