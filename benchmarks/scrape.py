@@ -52,6 +52,15 @@ MANY_MODELS = 500  # x 4 steps = 2,000 series
 MANY_LIMIT = 0.5
 
 
+#: The Accept headers of Prometheus 2.42 with ``--enable-feature=exemplar-storage`` and with
+#: ``--enable-feature=native-histograms``.
+OPENMETRICS_ACCEPT = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"\
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+PROTOBUF_ACCEPT = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,"\
+    "text/plain;version=0.0.4;q=0.3,*/*;q=0.1"
+ENCODINGS = (("ours", "plain text"), ("ours-openmetrics", "OpenMetrics"), ("ours-protobuf", "protobuf"))
+
+
 def _target(x: Any) -> Any:
     return x
 
@@ -70,6 +79,14 @@ class Endpoints:
 
     def render_ours(self) -> bytes:
         return render(self.registry, None, None)[1]
+
+    def render_ours_openmetrics(self) -> bytes:
+        """What a Prometheus with exemplar storage asks for (OpenMetrics, with the exemplars)."""
+        return render(self.registry, OPENMETRICS_ACCEPT, None)[1]
+
+    def render_ours_protobuf(self) -> bytes:
+        """What a Prometheus with native histograms asks for (delimited protobuf, classic and native buckets)."""
+        return render(self.registry, PROTOBUF_ACCEPT, None)[1]
 
     def render_baseline(self) -> bytes:
         return generate_latest(self.baseline)
@@ -180,6 +197,8 @@ def run(quick: bool) -> Section:
             raise RuntimeError("kserve-otel's endpoint did not start")
         render_timings = measure([
             Case("ours", _repeat(endpoints.render_ours)), Case("prometheus_client", _repeat(endpoints.render_baseline)),
+            Case("ours-openmetrics", _repeat(endpoints.render_ours_openmetrics)),
+            Case("ours-protobuf", _repeat(endpoints.render_ours_protobuf)),
             Case("prometheus_client-no-created", _repeat(endpoints.render_baseline_without_created)),
         ], rounds, target_ns)
         http_timings = measure([
@@ -190,6 +209,8 @@ def run(quick: bool) -> Section:
         ], rounds, target_ns)
         sizes = {
             "ours": len(endpoints.render_ours()), "prometheus_client": len(endpoints.render_baseline()),
+            "ours-openmetrics": len(endpoints.render_ours_openmetrics()),
+            "ours-protobuf": len(endpoints.render_ours_protobuf()),
             "prometheus_client-no-created": len(endpoints.render_baseline_without_created()),
             "ours-gzip": http_getter(ours_url, True)(), "prometheus_client-gzip": http_getter(baseline_url, True)(),
         }
@@ -199,6 +220,10 @@ def run(quick: bool) -> Section:
         )
         comparisons = (  # (what, timings, ours, theirs, judged against the target)
             ("in-process render", render_timings, "ours", "prometheus_client", True),
+            ("in-process render, OpenMetrics (exemplars)", render_timings, "ours-openmetrics", "prometheus_client",
+             True),
+            ("in-process render, protobuf (native histograms)", render_timings, "ours-protobuf", "prometheus_client",
+             True),
             ("in-process render, baseline without `_created`", render_timings, "ours",
              "prometheus_client-no-created", False),
             ("HTTP GET, plain text", http_timings, "ours", "prometheus_client", True),
@@ -231,14 +256,19 @@ def run(quick: bool) -> Section:
         many = measure([
             Case("ours", _repeat(endpoints.render_ours)), Case("prometheus_client", _repeat(endpoints.render_baseline)),
             Case("through-reader", _repeat(endpoints.render_through_reader)),
+            Case("ours-openmetrics", _repeat(endpoints.render_ours_openmetrics)),
+            Case("ours-protobuf", _repeat(endpoints.render_ours_protobuf)),
         ], rounds, target_ns)
         series = MANY_MODELS * len(KSERVE_STEPS)
-        value = ratio(many.median("ours"), many.median("prometheus_client"))
         rows = []
-        for what, ours in (("kserve-otel's render", "ours"),
-                           ("every series through the OpenTelemetry reader (the render before)", "through-reader")):
+        bodies = {"ours": endpoints.render_ours, "through-reader": endpoints.render_through_reader,
+                  "ours-openmetrics": endpoints.render_ours_openmetrics, "ours-protobuf": endpoints.render_ours_protobuf}
+        for what, ours in (("kserve-otel's render, plain text", "ours"),
+                           ("every series through the OpenTelemetry reader (the render before)", "through-reader"),
+                           ("kserve-otel's render, OpenMetrics (exemplars)", "ours-openmetrics"),
+                           ("kserve-otel's render, protobuf (native histograms)", "ours-protobuf")):
             r = ratio(many.median(ours), many.median("prometheus_client"))
-            body = endpoints.render_ours() if ours == "ours" else endpoints.render_through_reader()
+            body = bodies[ours]()
             rows.append([what, fmt_time(many.median(ours)), fmt_spread(many, ours),
                          fmt_time(many.median("prometheus_client")), fmt_spread(many, "prometheus_client"),
                          "—" if r is None else f"{r:.2f}", f"{len(body):,} / {len(endpoints.render_baseline()):,}"])
@@ -251,10 +281,12 @@ def run(quick: bool) -> Section:
             f"With {series:,} series the second row (not judged) is the same body written the way the "
             "render did before it wrote the step series from their snapshot: the gain is the difference of the rows."
         )
-        section.targets.append(Target(
-            f"scrape, {series:,} series, in-process render: kserve-otel / prometheus_client", value, MANY_LIMIT,
-            f"{fmt_time(many.median('ours'))} / {fmt_time(many.median('prometheus_client'))}",
-        ))
+        for ours, encoding in ENCODINGS:
+            section.targets.append(Target(
+                f"scrape, {series:,} series, in-process render, {encoding}: kserve-otel / prometheus_client's text",
+                ratio(many.median(ours), many.median("prometheus_client")), MANY_LIMIT,
+                f"{fmt_time(many.median(ours))} / {fmt_time(many.median('prometheus_client'))}",
+            ))
         if any(target.status == "MISS" for target in section.targets):
             section.tables.append(_profile(endpoints))
         return section

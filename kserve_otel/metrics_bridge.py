@@ -2,7 +2,10 @@
 
 A bridged reader receives, with every collection, the SDK's own metrics plus one extra scope
 (``kserve_otel``) holding the step histograms and counters as ordinary ``Histogram`` and ``Sum`` data,
-in the temporality the reader prefers. Readers and exporters downstream cannot tell them from metrics
+in the temporality the reader prefers; a reader whose exporter asks for exponential histograms
+(``OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION=base2_exponential_bucket_histogram``, or a
+``preferred_aggregation`` of ``ExponentialBucketHistogramAggregation``) gets the native histogram of each
+series that keeps one (:mod:`kserve_otel.speedups`) as an ``ExponentialHistogram``. Readers and exporters downstream cannot tell them from metrics
 recorded through the SDK's instruments, which is the point: the Prometheus reader, the OTLP exporter and
 the in-memory reader of tests all work unchanged.
 
@@ -28,6 +31,9 @@ from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.metrics import Histogram as HistogramInstrument
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
+    Buckets,
+    ExponentialHistogram,
+    ExponentialHistogramDataPoint,
     Histogram,
     HistogramDataPoint,
     Metric,
@@ -38,13 +44,14 @@ from opentelemetry.sdk.metrics.export import (
     ScopeMetrics,
     Sum,
 )
+from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from ._version import __version__
 from .names import SCOPE_NAME
 from .series import REGISTRY, CounterFamily, HistogramFamily, SeriesRegistry, UpDownCounterFamily
-from .snapshots import Snapshot, snapshot_registry
+from .snapshots import Snapshot, add_native, native_entry, snapshot_registry
 
 _SCOPE = InstrumentationScope(SCOPE_NAME, __version__)
 _BRIDGE_ATTRIBUTE = "_kserve_otel_bridge"
@@ -58,6 +65,9 @@ class _ReaderBridge:
     def __init__(self, reader: MetricReader, registry: SeriesRegistry, resource: Resource | None) -> None:
         self.histogram_temporality = _preferred_temporality(reader, HistogramInstrument)
         self.counter_temporality = _preferred_temporality(reader, CounterInstrument)
+        #: Whether the reader wants histograms as exponential ones (then series with a native histogram are
+        #: reported as such; the others keep their explicit buckets).
+        self.exponential = _prefers_exponential(reader)
         self.registry = registry
         self.resource = resource
         self._previous: dict[int, tuple[int, Any]] = {}  # id(series) -> (time of last export, what it exported)
@@ -118,14 +128,16 @@ class _ReaderBridge:
         """One OpenTelemetry ``Metric`` per family that has series, in this reader's temporality."""
         now = time_ns()
         if self.peers is not None and self.cumulative:
-            return _metrics_from_snapshot(self.peers.merged_snapshot(), now)
+            return _metrics_from_snapshot(self.peers.merged_snapshot(), now, self.exponential)
         metrics: list[Metric] = []
         with self._lock:  # two collections of one reader at once must not interleave their delta state
             for family in self.registry.families():
                 if isinstance(family, HistogramFamily):
                     hist_points = self._histogram_points(family, now)
                     if hist_points:
-                        metrics.append(Metric(family.name, family.description, family.unit, Histogram(
+                        kind = ExponentialHistogram if isinstance(hist_points[0], ExponentialHistogramDataPoint) \
+                            else Histogram
+                        metrics.append(Metric(family.name, family.description, family.unit, kind(
                             data_points=hist_points, aggregation_temporality=self.histogram_temporality,
                         )))
                 elif isinstance(family, CounterFamily):
@@ -138,23 +150,31 @@ class _ReaderBridge:
                         )))
         return metrics
 
-    def _histogram_points(self, family: HistogramFamily, now: int) -> list[HistogramDataPoint]:
+    def _histogram_points(self, family: HistogramFamily, now: int) -> list[Any]:
         delta = self.histogram_temporality == AggregationTemporality.DELTA
-        points = []
+        exponential = self.exponential and family.native
+        points: list[Any] = []
         for series in family.all_series():
             counts, total, low, high, interval_low, interval_high = series.snapshot(reset_interval=delta)
+            native = native_entry(series.native()) if exponential else None
             start = series.start_time_ns
             if delta:
                 last_time, last = self._previous.get(id(series), (start, None))
-                self._previous[id(series)] = (now, (counts, total))
+                self._previous[id(series)] = (now, (counts, total, native))
                 if last is not None:
                     counts = tuple(c - p for c, p in zip(counts, last[0]))
                     total -= last[1]
+                    if native is not None and last[2] is not None:
+                        native = add_native(native, last[2], sign=-1)
                 start, low, high = last_time, interval_low, interval_high
             count = sum(counts)
             if count == 0:  # a series is created just before its first observation
                 continue
             found = _exemplars(series.exemplars(), since=start if delta else 0) if family.exemplars else []
+            if native is not None:
+                points.append(_exponential_point(series.attributes, start, now, count, total, low, high, native,
+                                                 found))
+                continue
             points.append(HistogramDataPoint(
                 attributes=series.attributes, start_time_unix_nano=start, time_unix_nano=now, count=count,
                 sum=total, bucket_counts=counts, explicit_bounds=series.bounds, min=low, max=high,
@@ -202,22 +222,33 @@ def capturing_series() -> Iterator[list[Snapshot]]:
         _capture.snapshots = previous
 
 
-def _metrics_from_snapshot(families: list[dict[str, Any]], now: int) -> list[Metric]:
-    """Cumulative OpenTelemetry metrics from a :mod:`kserve_otel.snapshots` snapshot (a sum over processes)."""
+def _metrics_from_snapshot(families: list[dict[str, Any]], now: int, exponential: bool = False) -> list[Metric]:
+    """Cumulative OpenTelemetry metrics from a :mod:`kserve_otel.snapshots` snapshot (a sum over processes);
+    with ``exponential``, the series that keep a native histogram as exponential histogram points."""
     metrics: list[Metric] = []
     for family in families:
         if family["kind"] == "histogram":
-            points: list[Any] = [HistogramDataPoint(
-                attributes=series["attributes"], start_time_unix_nano=series["start"], time_unix_nano=now,
-                count=sum(series["counts"]), sum=series["sum"], bucket_counts=tuple(series["counts"]),
-                explicit_bounds=tuple(family["bounds"]),
-                min=math.inf if series["min"] is None else series["min"],
-                max=-math.inf if series["max"] is None else series["max"],
-                exemplars=_exemplars(
+            points: list[Any] = []
+            for series in family["series"]:
+                count = sum(series["counts"])
+                if not count:
+                    continue
+                low = math.inf if series["min"] is None else series["min"]
+                high = -math.inf if series["max"] is None else series["max"]
+                found = _exemplars(
                     (None if e is None else (e[0], e[1], int(e[2], 16), int(e[3], 16)) for e in series["exemplars"]),
-                    since=0) if "exemplars" in series else [],
-            ) for series in family["series"] if sum(series["counts"])]
-            data: Any = Histogram(data_points=points, aggregation_temporality=_CUMULATIVE)
+                    since=0) if series.get("exemplars") else []
+                if exponential and series.get("native") is not None:
+                    points.append(_exponential_point(series["attributes"], series["start"], now, count,
+                                                     series["sum"], low, high, series["native"], found))
+                else:
+                    points.append(HistogramDataPoint(
+                        attributes=series["attributes"], start_time_unix_nano=series["start"], time_unix_nano=now,
+                        count=count, sum=series["sum"], bucket_counts=tuple(series["counts"]),
+                        explicit_bounds=tuple(family["bounds"]), min=low, max=high, exemplars=found))
+            kind = ExponentialHistogram if points and isinstance(points[0], ExponentialHistogramDataPoint) \
+                else Histogram
+            data: Any = kind(data_points=points, aggregation_temporality=_CUMULATIVE)
         else:
             points = [NumberDataPoint(
                 attributes=series["attributes"], start_time_unix_nano=series["start"], time_unix_nano=now,
@@ -228,6 +259,20 @@ def _metrics_from_snapshot(families: list[dict[str, Any]], now: int) -> list[Met
         if points:
             metrics.append(Metric(family["name"], family["description"], family["unit"], data))
     return metrics
+
+
+def _exponential_point(attributes: Any, start: int, now: int, count: int, total: float, low: float, high: float,
+                       native: dict[str, Any], exemplars: list[Exemplar]) -> ExponentialHistogramDataPoint:
+    """A series' native histogram (a snapshot's ``"native"`` entry) as an OpenTelemetry exponential point.
+
+    Prometheus's schema is OpenTelemetry's scale; its bucket ``k`` holds (base**(k-1), base**k] where
+    OpenTelemetry's index ``i`` holds (base**i, base**(i+1)]: the offset is one less. Durations are never
+    negative, so the negative range is empty."""
+    return ExponentialHistogramDataPoint(
+        attributes=attributes, start_time_unix_nano=start, time_unix_nano=now, count=count, sum=total,
+        scale=native["schema"], zero_count=native["zero_count"],
+        positive=Buckets(offset=native["offset"] - 1, bucket_counts=list(native["counts"])),
+        negative=Buckets(offset=0, bucket_counts=[]), flags=0, min=low, max=high, exemplars=exemplars)
 
 
 def _exemplars(found: Any, since: int) -> list[Exemplar]:
@@ -243,6 +288,14 @@ def _is_prometheus_reader(reader: MetricReader) -> bool:
     except ImportError:
         return False
     return isinstance(reader, PrometheusMetricReader)
+
+
+def _prefers_exponential(reader: MetricReader) -> bool:
+    # As for temporality: the reader keys its aggregations by the SDK's private instrument classes.
+    preferences = getattr(reader, "_instrument_class_aggregation", {})
+    return any(isinstance(cls, type) and issubclass(cls, HistogramInstrument)
+               and isinstance(aggregation, ExponentialBucketHistogramAggregation)
+               for cls, aggregation in preferences.items())
 
 
 def _preferred_temporality(reader: MetricReader, instrument: type) -> AggregationTemporality:

@@ -43,7 +43,12 @@ def accepts(accept: str | None) -> bool:
 # ------------------------------------------------------------------------------------------------ wire format
 
 
+_SMALL = [bytes((i,)) for i in range(128)]
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 128:  # most are: field keys, lengths of labels, bucket counts of a quiet series
+        return _SMALL[value]
     out = bytearray()
     value &= (1 << 64) - 1
     while value > 0x7F:
@@ -58,7 +63,10 @@ def _zigzag(value: int) -> int:
 
 
 def _key(field: int, wire: int) -> bytes:
-    return _varint(field << 3 | wire)
+    return _KEYS.get((field, wire)) or _varint(field << 3 | wire)
+
+
+_KEYS = {(field, wire): _varint(field << 3 | wire) for field in range(1, 16) for wire in (0, 1, 2)}
 
 
 def _string(field: int, text: str) -> bytes:
@@ -150,6 +158,7 @@ def write_snapshot(snapshot: Snapshot, seen: set[str] | None = None) -> bytes:
     out = []
     for family, name, series in families_to_write(snapshot, seen):
         kind = family["kind"]
+        bounds = [_double(2, float(bound)) for bound in family.get("bounds", ())]  # the same for every series
         metrics = []
         for s, labels in zip(series, _label_values(series)):
             if kind == "histogram":
@@ -157,9 +166,9 @@ def write_snapshot(snapshot: Snapshot, seen: set[str] | None = None) -> bytes:
                 body = _uint(1, count) + _double(2, s["sum"])
                 cumulative = 0
                 exemplars = s.get("exemplars") or [None] * len(s["counts"])
-                for bound, bucket, exemplar in zip(family["bounds"], s["counts"], exemplars):
+                for bound, bucket, exemplar in zip(bounds, s["counts"], exemplars):
                     cumulative += bucket
-                    one = _uint(1, cumulative) + _double(2, float(bound))
+                    one = _uint(1, cumulative) + bound
                     if exemplar is not None:
                         one += _message(3, _exemplar(exemplar))
                     body += _message(3, one)

@@ -66,20 +66,22 @@ def native_entry(native: tuple[int, float, int, int, Iterable[int]] | None) -> d
             "counts": list(counts)}
 
 
-def add_native(ours: dict[str, Any] | None, theirs: dict[str, Any]) -> dict[str, Any]:
-    """The sum of two native histograms, at the lower of their schemas."""
+def add_native(ours: dict[str, Any] | None, theirs: dict[str, Any], sign: int = 1) -> dict[str, Any]:
+    """The sum of two native histograms (with ``sign=-1``, ``ours`` minus ``theirs``: what was counted since
+    ``theirs``, an earlier state of the same series), at the lower of their schemas."""
     if ours is None:
         return {**theirs, "counts": list(theirs["counts"])}
     schema = min(ours["schema"], theirs["schema"])
     total: dict[int, int] = {}
-    for native in (ours, theirs):
+    for native, factor in ((ours, 1), (theirs, sign)):
         offset, counts = native_reduce(native["offset"], native["counts"], native["schema"] - schema)
         for index, count in enumerate(counts):
-            total[offset + index] = total.get(offset + index, 0) + count
-    offset = min(total, default=0)
-    counts = [total.get(key, 0) for key in range(offset, max(total, default=-1) + 1)]
+            total[offset + index] = total.get(offset + index, 0) + factor * count
+    used = [key for key, count in total.items() if count]
+    offset = min(used, default=0)
+    counts = [total.get(key, 0) for key in range(offset, max(used, default=-1) + 1)]
     return {"schema": schema, "zero_threshold": max(ours["zero_threshold"], theirs["zero_threshold"]),
-            "zero_count": ours["zero_count"] + theirs["zero_count"], "offset": offset, "counts": counts}
+            "zero_count": ours["zero_count"] + sign * theirs["zero_count"], "offset": offset, "counts": counts}
 
 
 def exemplar_entries(exemplars: Iterable[tuple[float, float, int, int] | None]) -> list[list[Any] | None] | None:

@@ -222,3 +222,116 @@ def test_prometheus_reads_a_sub_millisecond_p99(busy_server, tmp_path, features)
         assert 0.003 < measured <= 0.005, measured
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
         assert response.headers["Content-Type"].startswith("text/plain")
+
+
+# ------------------------------------------------------------------------- OTLP push: exponential histograms
+
+
+def _exponential_reader(registry: SeriesRegistry, temporality=None):
+    from opentelemetry.sdk.metrics import Histogram as HistogramInstrument
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation
+
+    from kserve_otel.metrics_bridge import bridge_reader
+
+    reader = bridge_reader(InMemoryMetricReader(
+        preferred_aggregation={HistogramInstrument: ExponentialBucketHistogramAggregation()},
+        preferred_temporality={HistogramInstrument: temporality} if temporality else None), registry=registry)
+    MeterProvider(metric_readers=[reader])
+    return reader
+
+
+def _points(reader, name: str):
+    data = reader.get_metrics_data()
+    return [(m, p) for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics if m.name == name
+            for p in m.data.data_points]
+
+
+def _otel_index(value: float, scale: int) -> int:
+    """OpenTelemetry's exponential bucket of ``value``: index i holds (base**i, base**(i+1)], base = 2**2**-scale."""
+    index = math.floor(math.log2(value) * 2 ** scale)
+    while 2 ** ((index + 1) / 2 ** scale) < value:
+        index += 1
+    while 2 ** (index / 2 ** scale) >= value:
+        index -= 1
+    return index
+
+
+def test_a_reader_that_asks_for_exponential_histograms_gets_the_native_ones():
+    from opentelemetry.sdk.metrics.export import ExponentialHistogram, Histogram
+
+    registry = SeriesRegistry()
+    native = registry.histogram("request_predict", "Duration of the predict step", "s", ("model_name",),
+                                native=True)
+    classic = registry.histogram("request_batch_size", "Requests per batch", "", ("model_name",))
+    values = [0.00031, 0.0003, 0.0012, 0.0049, 0.25, 0.0]
+    for value in values:
+        native.series("iris").observe(value)
+    classic.series("iris").observe(3)
+    [(metric, point)] = _points(_exponential_reader(registry), "request_predict")
+    assert isinstance(metric.data, ExponentialHistogram)
+    assert point.scale == speedups.NATIVE_SCHEMA and point.count == len(values) and point.zero_count == 1
+    assert point.sum == pytest.approx(sum(values)) and point.min == 0.0 and point.max == 0.25
+    assert point.negative.bucket_counts == [] or not any(point.negative.bucket_counts)
+    expected: dict[int, int] = {}
+    for value in values[:-1]:
+        index = _otel_index(value, point.scale)
+        expected[index] = expected.get(index, 0) + 1
+    got = {point.positive.offset + i: c for i, c in enumerate(point.positive.bucket_counts) if c}
+    assert got == expected
+    [(metric, _)] = _points(_exponential_reader(registry), "request_batch_size")
+    assert isinstance(metric.data, Histogram)  # no native histogram: its explicit buckets stay
+
+
+def test_a_delta_reader_gets_each_interval_of_the_native_histogram():
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+
+    registry = SeriesRegistry()
+    series = registry.histogram("request_predict", "Duration of the predict step", "s", ("model_name",),
+                                native=True).series("iris")
+    reader = _exponential_reader(registry, AggregationTemporality.DELTA)
+    for value in (0.001, 0.001, 0.002):
+        series.observe(value)
+    [(_, first)] = _points(reader, "request_predict")
+    assert first.count == 3 and sum(first.positive.bucket_counts) == 3
+    series.observe(10000.0)  # far away: the series lowers its schema to hold both ends
+    [(_, second)] = _points(reader, "request_predict")
+    assert second.count == 1 and sum(second.positive.bucket_counts) == 1
+    assert second.scale < first.scale and second.start_time_unix_nano == first.time_unix_nano
+    [index] = [second.positive.offset + i for i, c in enumerate(second.positive.bucket_counts) if c]
+    assert index == _otel_index(10000.0, second.scale)
+
+
+def test_otlp_push_sends_exponential_histograms_when_the_exporter_asks_for_them():
+    from conftest import run_python
+    from otlp_receiver import OTLPReceiver
+
+    with OTLPReceiver() as receiver:
+        result = run_python(
+            """
+            import time
+            import kserve_otel
+            from kserve_otel import instrument_step
+            t = kserve_otel.configure()
+            @instrument_step("predict", model_name="iris")
+            def predict():
+                until = time.perf_counter() + 0.0003
+                while time.perf_counter() < until:
+                    pass
+            for _ in range(50):
+                predict()
+            t.force_flush()
+            kserve_otel.shutdown()
+            """,
+            env={"KSERVE_OTEL_ANNOTATIONS_FILE": "/nonexistent", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                 "KSERVE_OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_INTERVAL": "60000",
+                 "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION": "base2_exponential_bucket_histogram"},
+        )
+        assert result.returncode == 0, result.stderr
+        points = [p for request in receiver.metrics for rm in request.resource_metrics for sm in rm.scope_metrics
+                  for m in sm.metrics if m.name == "request_predict" for p in m.exponential_histogram.data_points]
+    [point] = [p for p in points if p.count == 50]
+    assert point.scale == speedups.NATIVE_SCHEMA and sum(point.positive.bucket_counts) == 50
+    low = 2 ** ((point.positive.offset) / 2 ** point.scale)  # the lower bound of the first bucket
+    assert 0.0002 < low <= 0.0003 < point.sum / 50 < 0.01
