@@ -866,6 +866,7 @@ typedef struct {
     PyObject *decrement;
     PyObject *status; /* int; 500 until the app starts a response */
     PyObject *scope;  /* the request's scope, where the router leaves the route it matched */
+    PyObject *span;   /* the request's recording span, or NULL: its duration becomes an exemplar of it */
     int64_t started_ns;
     int traced;       /* a header the trace propagators read is present */
     int finished;
@@ -888,7 +889,7 @@ static PyTypeObject RequestType;
 static PyTypeObject HTTPRecorderType;
 
 static PyObject *str_type, *str_method, *str_headers, *str_route, *str_path, *str_status, *str_other,
-    *str_response_start, *str_response_body, *str_more_body, *str_increment, *str_decrement, *str_active, *str_duration, *str_empty, *int_500;
+    *str_response_start, *str_response_body, *str_more_body, *str_increment, *str_decrement, *str_active, *str_duration, *str_observe_traced, *str_empty, *int_500;
 
 static int
 Request_traverse(RequestObject *self, visitproc visit, void *arg)
@@ -899,6 +900,7 @@ Request_traverse(RequestObject *self, visitproc visit, void *arg)
     Py_VISIT(self->decrement);
     Py_VISIT(self->status);
     Py_VISIT(self->scope);
+    Py_VISIT(self->span);
     return 0;
 }
 
@@ -911,6 +913,7 @@ Request_clear(RequestObject *self)
     Py_CLEAR(self->decrement);
     Py_CLEAR(self->status);
     Py_CLEAR(self->scope);
+    Py_CLEAR(self->span);
     return 0;
 }
 
@@ -1028,7 +1031,14 @@ Request_finish(RequestObject *self, PyObject *scope)
         return NULL;
     }
     int failed;
-    if (PyObject_TypeCheck(series, &HistogramType)) {
+    if (self->span != NULL) { /* a recorded request: metrics.observe_traced keeps the exemplar */
+        PyObject *span = self->span;
+        self->span = NULL;
+        PyObject *res = PyObject_CallMethodObjArgs(recorder->metrics, str_observe_traced, series, value, span, NULL);
+        Py_DECREF(span);
+        failed = res == NULL;
+        Py_XDECREF(res);
+    } else if (PyObject_TypeCheck(series, &HistogramType)) {
         failed = histogram_observe((HistogramObject *)series, value) < 0;
     } else {
         PyObject *res = PyObject_CallMethod(series, "observe", "O", value);
@@ -1060,6 +1070,19 @@ Request_get_method(RequestObject *self, void *closure)
     return Py_NewRef(self->method);
 }
 
+static PyObject *
+Request_get_span(RequestObject *self, void *closure)
+{
+    return Py_NewRef(self->span != NULL ? self->span : Py_None);
+}
+
+static int
+Request_set_span(RequestObject *self, PyObject *value, void *closure)
+{
+    Py_XSETREF(self->span, value == NULL || value == Py_None ? NULL : Py_NewRef(value));
+    return 0;
+}
+
 static PyMethodDef Request_methods[] = {
     {"finish", (PyCFunction)Request_finish, METH_O,
      "finish(scope)\n--\n\nThe request is over: one in flight less, and its duration observed by method, route "
@@ -1071,6 +1094,9 @@ static PyGetSetDef Request_getset[] = {
     {"status", (getter)Request_get_status, NULL, "The response status (500 until the app starts a response).", NULL},
     {"traced", (getter)Request_get_traced, NULL, "Whether a header the trace propagators read is present.", NULL},
     {"method", (getter)Request_get_method, NULL, "The request's method, or _OTHER.", NULL},
+    {"span", (getter)Request_get_span, (setter)Request_set_span,
+     "The request's recording span (None by default): finish() then observes the duration through "
+     "metrics.observe_traced(series, seconds, span), which keeps its exemplar.", NULL},
     {NULL}
 };
 
@@ -1323,6 +1349,7 @@ HTTPRecorder_start(HTTPRecorderObject *self, PyObject *const *args, Py_ssize_t n
     r->decrement = decrement;
     r->status = Py_NewRef(int_500);
     r->scope = Py_NewRef(scope);
+    r->span = NULL;
     r->traced = traced;
     r->finished = 0;
     PyObject_GC_Track(r);
@@ -1388,6 +1415,7 @@ PyInit__speedups(void)
     INTERN(str_decrement, "decrement");
     INTERN(str_active, "active");
     INTERN(str_duration, "duration");
+    INTERN(str_observe_traced, "observe_traced");
     INTERN(str_empty, "");
     if ((int_500 = PyLong_FromLong(500)) == NULL || (sixty_four = PyLong_FromLong(64)) == NULL)
         return NULL;

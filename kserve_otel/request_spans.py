@@ -1,31 +1,35 @@
-"""A request span and HTTP server metrics for every HTTP request of an ASGI app, at a negligible cost.
+"""The one request path of every HTTP server this package instruments (KServe's REST app, any ASGI app):
+a request span and HTTP server metrics for every request, at a negligible cost (:func:`request_path`).
 
 contrib's ``OpenTelemetryMiddleware`` costs 340-440 µs a request on this project's machine, a third of a whole
-KServe request, most of it spent on ``receive``/``send`` child spans and metric attribute handling. This
-middleware does only what step spans need: continue the incoming trace (``traceparent``, or B3 from Istio),
-open one SERVER span following OpenTelemetry's HTTP semantic conventions, and make it current so every step
-span of the request becomes its child. When the span would not be sampled (or no tracer provider is
-installed) it starts no span at all, but still makes the incoming context current so the trace id reaches
-steps, outgoing calls and log lines.
+KServe request, most of it spent on ``receive``/``send`` child spans and metric attribute handling. This path
+does only what step spans need: continue the incoming trace (``traceparent``, or B3 from Istio), open one
+SERVER span following OpenTelemetry's HTTP semantic conventions, and make it current so every step span of
+the request becomes its child. When the span would not be sampled (or no tracer provider is installed) it
+starts no span at all, but still makes the incoming context current so the trace id reaches steps, outgoing
+calls and log lines. The bookkeeping of every request (in flight, clock, trace-header scan, status, duration)
+is :class:`kserve_otel.speedups.HTTPRecorder`, in C where the extension is built.
 
 The span is named ``"<METHOD> <route template>"`` (``POST /v1/models/{model_name}:predict``), never the raw
 path, and the duration histogram is labelled by that template: span names and series stay few. Requests in
-flight and durations go to the step series' registry (one increment each), not the SDK's instruments.
+flight and durations go to the step series' registry (one increment each), not the SDK's instruments; a
+recorded request's duration keeps its span as the bucket's exemplar.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from time import perf_counter
 from typing import Any
 
+from opentelemetry import context as context_api
 from opentelemetry.trace import Span, Status, StatusCode
 
 from . import exemplars, propagation, tracing
-from .exposition import ASGIApp, Message, Receive, Scope, Send
+from .exposition import ASGIApp, Receive, Scope, Send
 from .names import ACTIVE_REQUESTS_INSTRUMENT, KSERVE_BUCKETS, REQUEST_DURATION_INSTRUMENT, UNIT_SECONDS
 from .series import REGISTRY as SERIES
 from .series import UpDownCounterSeries
+from .speedups import HTTPRecorder
 
 #: OpenTelemetry's HTTP server metrics (Prometheus: ``http_server_active_requests``,
 #: ``http_server_request_duration_seconds``) and their attributes (labels ``http_request_method``...).
@@ -49,7 +53,8 @@ class HTTPServerMetrics:
     object handed to it as ``metrics`` must offer: the dicts ``active_series`` (method -> a series with
     ``increment()`` and ``decrement()``) and ``duration_series`` (``(method, route template, status)`` -> a
     series with ``observe(seconds)``), read without a lock on every request, and on a miss the methods
-    ``active(method)`` and ``duration(method, route, status)``, which return the series and may fill the dicts.
+    ``active(method)`` and ``duration(method, route, status)``, which return the series and may fill the dicts;
+    and for a request given a recording span, ``observe_traced(series, seconds, span)``.
     ``tests/test_speedups.py`` runs both recorders against this class."""
 
     def __init__(self) -> None:
@@ -75,6 +80,11 @@ class HTTPServerMetrics:
             active = self.active_series[method] = self._active.series(method)
         return active
 
+    @staticmethod
+    def observe_traced(series: Any, seconds: float, span: Span) -> None:
+        """Observe a recorded request's duration, with ``span`` as its bucket's exemplar when the filter lets it."""
+        exemplars.observe_in_span(series, seconds, span)
+
     def duration(self, method: str, route: str, status: int) -> Any:
         """The duration series of requests of ``method`` to ``route`` answered with ``status``."""
         key = (method, route, status)
@@ -95,85 +105,138 @@ def route_of(scope: Scope) -> str:
     return getattr(scope.get("route"), "path", None) or ""
 
 
-class RequestSpanMiddleware:
-    """ASGI middleware opening a SERVER span per HTTP request, and counting requests in flight and their
-    durations (``http.server.active_requests``, ``http.server.request.duration`` in seconds, as OpenTelemetry's
-    HTTP semantic conventions name them). Other scope types pass through untouched."""
+def request_path(
+    app: ASGIApp, metrics: HTTPServerMetrics | None = None, *, on_end: ScopeAttributes | None = None,
+    skip: Callable[[Scope], bool] | None = None, endpoint: ASGIApp | None = None, endpoint_path: str | None = None,
+    recorded: Callable[[], ASGIApp] | None = None,
+) -> ASGIApp:
+    """``app`` with every HTTP request recorded: the one request path of KServe's REST app and of any ASGI app.
 
-    def __init__(self, app: ASGIApp, on_end: ScopeAttributes | None = None, excluded_paths: frozenset[str] = frozenset()) -> None:
-        self.app = app
-        self.on_end = on_end
-        self.excluded_paths = excluded_paths
-        self.metrics = HTTPServerMetrics()
+    Per request: :class:`kserve_otel.speedups.HTTPRecorder` (C when built) counts it in flight, starts its
+    clock, scans its headers for trace fields and, as the app's ``send``, notes the status and observes the
+    duration (by method, route template and status) when the last body message goes out. When a span may be
+    recorded, a SERVER span continues the incoming trace (:func:`kserve_otel.tracing.start_server_span`, which
+    decides exactly as the configured sampler), is current while the app runs, and is the exemplar of its
+    duration; ``on_end(span, scope)`` adds a framework's attributes. Otherwise the incoming context alone is
+    made current, so the trace id still reaches steps, outgoing calls and logs.
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.excluded_paths:
-            await self.app(scope, receive, send)
+    Args:
+        app: the ASGI application.
+        metrics: where the HTTP server series live (a new :class:`HTTPServerMetrics` by default).
+        on_end: called with the recording span and the scope when the request is over.
+        skip: requests for which it says true go straight to ``app``, unrecorded (probes, excluded URLs).
+        endpoint, endpoint_path: the Prometheus endpoint, answered for that exact path (unrecorded).
+        recorded: where requests whose span may be recorded go instead of this path's own span (the builder
+            of contrib's ``OpenTelemetryMiddleware``, for users of its hooks and header capture).
+    """
+    start = HTTPRecorder(metrics or HTTPServerMetrics(), KNOWN_METHODS, propagation.header_names,
+                         **propagation.header_names_watch()).start
+    no_provider, extract = tracing.no_provider, propagation.extract_asgi
+
+    # A plain function with what it needs in its closure: every request passes through it, and on a saturated
+    # server each Python-level operation costs several times what a micro-benchmark shows (benchmarks/).
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
             return
-        method = method_of(scope)
-        active = self.metrics.active(method)
-        active.increment()
-        started = perf_counter()
-        parent = propagation.extract_asgi(scope.get("headers", ()))
-        span, token = tracing.start_server_span(method, lambda: _request_attributes(scope, method), parent)
-        status = 500  # what the client gets if the app fails before answering
-        recorded = False
-
-        def record() -> None:
-            nonlocal recorded
-            recorded = True
-            active.decrement()
-            series = self.metrics.duration(method, route_of(scope), status)
-            if span is not None:  # the request's span: its bucket's exemplar, when sampled
-                exemplars.observe_in_span(series, perf_counter() - started, span)
-            else:
-                series.observe(perf_counter() - started)
-
-        async def send_recording_status(message: Message) -> None:  # a closure: cheaper than an object here
-            nonlocal status
-            kind = message["type"]
-            if kind == "http.response.start":
-                status = message["status"]
-            elif kind == "http.response.body" and not recorded and not message.get("more_body", False):
-                record()  # counted before the client can see it answered: a kill right after loses nothing
-            await send(message)
-
-        error: BaseException | None = None
+        if endpoint_path is not None and scope.get("path") == endpoint_path:
+            await endpoint(scope, receive, send)  # type: ignore[misc]
+            return
+        if skip is not None and skip(scope):
+            await app(scope, receive, send)
+            return
+        request = start(scope, send)
         try:
-            await self.app(scope, receive, send_recording_status)
-        except BaseException as exc:
-            error = exc
-            raise
+            parent = extract(scope["headers"]) if request.traced else None
+            if no_provider():  # nothing can be recorded: two reads, no provider lookup
+                await _in_context(app, scope, receive, request, parent)
+            elif recorded is not None:
+                if tracing.tracer_if_recording(parent) is None:
+                    await _in_context(app, scope, receive, request, parent)
+                else:
+                    await recorded()(scope, receive, request)
+            else:
+                await _with_server_span(app, scope, receive, request, parent, on_end)
         finally:
-            if not recorded:
-                record()
-            route = route_of(scope)
-            if span is not None:
-                self._finish(span, scope, method, route, status, error)
-            tracing.end_server_span(span, token, error)
+            request.finish(scope)
 
-    def _finish(self, span: Span, scope: Scope, method: str, route: str, status: int, error: BaseException | None) -> None:
-        if route:
-            span.update_name(f"{method} {route}")
-            span.set_attribute(ATTR_HTTP_ROUTE, route)
-        span.set_attribute(ATTR_HTTP_STATUS, status)
-        if status >= 500 and error is None:
-            span.set_status(Status(StatusCode.ERROR))
-            span.set_attribute("error.type", str(status))
-        if self.on_end is not None:
-            try:
-                self.on_end(span, scope)
-            except Exception as exc:  # noqa: BLE001 - telemetry must never break a request
-                span.record_exception(exc)
+    return asgi
 
 
-def _request_attributes(scope: Scope, method: str) -> dict[str, Any]:
+async def _in_context(app: ASGIApp, scope: Scope, receive: Receive, send: Any, parent: Any) -> None:
+    if parent is None:
+        await app(scope, receive, send)
+        return
+    token = context_api.attach(parent)
+    try:
+        await app(scope, receive, send)
+    finally:
+        context_api.detach(token)
+
+
+async def _with_server_span(app: ASGIApp, scope: Scope, receive: Receive, request: Any, parent: Any,
+                            on_end: ScopeAttributes | None) -> None:
+    method = request.method
+    span, token = tracing.start_server_span(method, lambda: request_attributes(scope, method), parent)
+    request.span = span  # the duration's exemplar
+    error: BaseException | None = None
+    try:
+        await app(scope, receive, request)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if span is not None:
+            _finish(span, scope, method, request.status, error, on_end)
+        tracing.end_server_span(span, token, error)
+
+
+def _finish(span: Span, scope: Scope, method: str, status: int, error: BaseException | None,
+            on_end: ScopeAttributes | None) -> None:
+    route = route_of(scope)
+    if route:
+        span.update_name(f"{method} {route}")
+        span.set_attribute(ATTR_HTTP_ROUTE, route)
+    span.set_attribute(ATTR_HTTP_STATUS, status)
+    if status >= 500 and error is None:
+        span.set_status(Status(StatusCode.ERROR))
+        span.set_attribute("error.type", str(status))
+    if on_end is not None:
+        try:
+            on_end(span, scope)
+        except Exception as exc:  # noqa: BLE001 - telemetry must never break a request
+            span.record_exception(exc)
+
+
+def request_attributes(scope: Scope, method: str) -> dict[str, Any]:
+    """A request span's attributes at its start, as OpenTelemetry's HTTP server semantic conventions (stable)
+    name them; ``http.route``, ``http.response.status_code`` and ``error.type`` follow when it ends."""
     attributes: dict[str, Any] = {
         "http.request.method": method,
         "url.path": scope.get("path", ""),
         "url.scheme": scope.get("scheme", "http"),
     }
+    if method == "_OTHER":
+        attributes["http.request.method_original"] = str(scope.get("method", ""))
+    query = scope.get("query_string")
+    if query:
+        attributes["url.query"] = query.decode("latin-1") if isinstance(query, bytes) else str(query)
     server = scope.get("server")
-    if server and server[1] is not None:
-        attributes["server.port"] = server[1]
+    if server:
+        if server[0]:
+            attributes["server.address"] = server[0]
+        if server[1] is not None:
+            attributes["server.port"] = server[1]
+    client = scope.get("client")
+    if client:
+        attributes["client.address"] = client[0]
+        if client[1] is not None:
+            attributes["client.port"] = client[1]
+    version = scope.get("http_version")
+    if version:
+        attributes["network.protocol.version"] = version
+    for key, value in scope.get("headers") or ():
+        if key == b"user-agent":
+            attributes["user_agent.original"] = value.decode("latin-1")
+            break
     return attributes

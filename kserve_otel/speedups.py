@@ -321,7 +321,7 @@ class PyRequest:
     goes out: a request is counted before its client can see it answered, so a process killed right after
     has still counted it. :meth:`finish` ends a request that sent no complete response."""
 
-    __slots__ = ("send", "method", "status", "traced", "_recorder", "_decrement", "_started", "_finished",
+    __slots__ = ("send", "method", "status", "traced", "span", "_recorder", "_decrement", "_started", "_finished",
                  "_scope")
 
     def __init__(self, recorder: PyHTTPRecorder, send: Callable[[Any], Awaitable[None]], method: str,
@@ -335,6 +335,9 @@ class PyRequest:
         self.status: Any = 500
         #: Whether a header the trace propagators read is present.
         self.traced = traced
+        #: The request's recording span (``None`` by default): :meth:`finish` then observes the duration through
+        #: ``metrics.observe_traced(series, seconds, span)``, which keeps its exemplar.
+        self.span: Any = None
         self._finished = False
         self._started = perf_counter()
 
@@ -360,7 +363,12 @@ class PyRequest:
         path = getattr(route, "path", "") if route is not None else ""
         key = (self.method, path if isinstance(path, str) else "", self.status)
         metrics = self._recorder.metrics
-        (metrics.duration_series.get(key) or metrics.duration(*key)).observe(elapsed)
+        series = metrics.duration_series.get(key) or metrics.duration(*key)
+        span, self.span = self.span, None
+        if span is not None:
+            metrics.observe_traced(series, elapsed, span)
+        else:
+            series.observe(elapsed)
 
 
 class PyHTTPRecorder:

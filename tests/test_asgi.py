@@ -170,3 +170,22 @@ def test_no_tracer_provider_means_no_span_work(port, model):
     finally:
         kserve_otel.shutdown()
     assert exporter.get_finished_spans() == ()
+
+
+def test_the_request_span_follows_the_http_semantic_conventions_and_is_its_durations_exemplar(
+        configured, port, spans, model):
+    with ServerThread(instrument_app(fastapi_app(model), http_port=port), port=port) as server:
+        httpx.get(f"{server.url}/items/5?verbose=1", headers={"user-agent": "probe/1.0"})
+        text = httpx.get(f"{server.url}/metrics", headers={"accept": "application/openmetrics-text"}).text
+    [request] = [s for s in spans.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
+    attributes = dict(request.attributes)
+    assert attributes.pop("client.port") > 0 and attributes.pop("server.port") == port
+    assert attributes == {
+        "http.request.method": "GET", "url.path": "/items/5", "url.scheme": "http", "url.query": "verbose=1",
+        "server.address": "127.0.0.1", "client.address": "127.0.0.1", "network.protocol.version": "1.1",
+        "user_agent.original": "probe/1.0", "http.route": "/items/{item_id}", "http.response.status_code": 200,
+    }
+    span_id = format(request.context.span_id, "016x")
+    exemplars = re.findall(r'^http_server_request_duration_seconds_bucket\{[^}]*http_route="/items/\{item_id\}"[^}]*\}'
+                           r' \S+ # \{trace_id="([0-9a-f]{32})",span_id="([0-9a-f]{16})"\}', text, re.M)
+    assert (format(request.context.trace_id, "032x"), span_id) in exemplars

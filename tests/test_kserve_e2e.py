@@ -87,12 +87,15 @@ def _traceparent() -> tuple[str, str, str]:
     return f"00-{trace_id}-{span_id}-01", trace_id, span_id
 
 
-def _trace(receiver: OTLPReceiver, trace_id: str, names: set[str], timeout: float = 15) -> list:
-    """Spans of ``trace_id`` received so far, waiting until every name in ``names`` is among them."""
+def _trace(receiver: OTLPReceiver, trace_id: str, names: set[str], timeout: float = 15, named: str = "",
+           at_least: int = 0) -> list:
+    """Spans of ``trace_id`` received so far, waiting until every name in ``names`` is among them, and at least
+    ``at_least`` spans ``named`` (each process exports its own spans, in batches of its own)."""
     deadline = time.monotonic() + timeout
     while True:
         spans = [s for s in receiver.spans() if s.trace_id.hex() == trace_id]
-        if names <= {s.name for s in spans} or time.monotonic() > deadline:
+        if (names <= {s.name for s in spans} and sum(s.name == named for s in spans) >= at_least) \
+                or time.monotonic() > deadline:
             return spans
         time.sleep(0.1)
 
@@ -218,6 +221,11 @@ def test_rest_request_continues_the_incoming_trace_with_step_spans_under_the_req
     assert attributes["kserve.model.name"].string_value == "iris"
     assert attributes["kserve.protocol"].string_value == "v1"
     assert attributes["http.route"].string_value == "/v1/models/{model_name}:predict"
+    # the one request path's attributes, as on any ASGI app (tests/test_asgi.py), plus kserve.*
+    assert set(attributes) == {
+        "http.request.method", "url.path", "url.scheme", "server.address", "server.port", "client.address",
+        "client.port", "network.protocol.version", "user_agent.original", "http.route",
+        "http.response.status_code", "kserve.model.name", "kserve.protocol"}
     for step in ("preprocess", "predict", "postprocess"):
         assert by_name[f"{step} iris"].parent_span_id == request.span_id
 
@@ -256,7 +264,8 @@ def test_transformer_and_predictor_spans_form_one_trace(servers, receiver):
     response = httpx.post(f"{servers['transformer'].url}/v1/models/iris:predict", json=V1_BODY,
                           headers={"traceparent": traceparent}, timeout=30)
     assert response.json() == {"predictions": [1, 0]}
-    spans = _trace(receiver, trace_id, {"predict iris", "postprocess iris"})
+    spans = _trace(receiver, trace_id, {"predict iris", "postprocess iris"},
+                   named="POST /v1/models/{model_name}:predict", at_least=2)
     request_spans = [s for s in spans if s.name == "POST /v1/models/{model_name}:predict"]
     assert len(request_spans) == 2  # the transformer's and the predictor's, in one trace
     transformer_predict = [s for s in spans if s.name == "predict iris" and

@@ -502,3 +502,28 @@ def test_a_histogram_without_exemplar_cells_counts_exemplar_observations(impl):
     histogram = impl.Histogram(BOUNDS)
     histogram.observe_exemplar(0.3, 1, 2)
     assert histogram.count == 1 and histogram.exemplars() == (None,) * 4 and histogram.cells_size == 56
+
+
+def test_a_request_given_a_span_observes_through_observe_traced(impl: Impl) -> None:
+    class Traced(HTTPServerMetrics):
+        def __init__(self) -> None:
+            super().__init__()
+            self.traced: list[tuple[Any, float, Any]] = []
+
+        def observe_traced(self, series: Any, seconds: float, span: Any) -> None:  # type: ignore[override]
+            self.traced.append((series, seconds, span))
+
+    metrics, route, span = Traced(), _route(), object()
+    scope = _scope("GET", route=Route(route))
+    request = _recorder(impl, metrics).start(scope, _ignore)
+    assert request.span is None
+    request.span = span
+    assert request.span is span
+    request.finish(scope)
+    [(series, seconds, seen)] = metrics.traced
+    assert series is metrics.duration("GET", route, 500) and seen is span and 0 <= seconds < 5
+    assert series.count == 0  # observe_traced decides how it is observed
+    untraced = _recorder(impl, metrics).start(scope, _ignore)
+    untraced.span = None
+    untraced.finish(scope)
+    assert len(metrics.traced) == 1 and series.count == 1

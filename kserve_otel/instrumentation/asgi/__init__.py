@@ -23,20 +23,25 @@ What every HTTP request then gets:
 How it is built, and why
 ------------------------
 
-Spans that will be recorded are made by opentelemetry-instrumentation-asgi's ``OpenTelemetryMiddleware``,
-with its semantic-convention attributes, its hooks (``server_request_hook``, ``client_request_hook``,
-``client_response_hook``) and its header capture (``http_capture_headers_server_request`` ...), passed
-through as given, and without its per-``receive``/``send`` child spans. Used as is on every request, that
-middleware costs 340-440 µs here, which cuts a trivial app's throughput by three quarters. So requests whose
-span would not be recorded (no tracer provider, ``always_off``, or a parent-based sampler with an unsampled
-parent) bypass it: they only make the incoming context current. HTTP metrics are this package's own for
-every request (one series increment each, instead of the SDK's record path, which costs 9-15 µs); contrib's
-middleware gets a no-op meter provider. FastAPI's own telemetry (FastAPI 0.16x turns it on as soon as a
-global provider exists) is switched off on the wrapped app, since it would duplicate both the span and
-``http_server_request_duration_seconds``. The endpoint, when it is on the app's port, is answered by the same
-middleware (one ASGI layer, not two). The per-request bookkeeping (requests in flight, the clock, the scan for
-trace headers, the status seen by ``send``, the duration's series) is :class:`kserve_otel.speedups.HTTPRecorder`,
-in C when the optional extension is built. ``benchmarks/`` measures the result against the bare app.
+Every request takes the package's one request path, :func:`kserve_otel.request_spans.request_path` (KServe's
+REST app takes it too): the per-request bookkeeping (requests in flight, the clock, the scan for trace
+headers, the status seen by ``send``, the duration's series) is :class:`kserve_otel.speedups.HTTPRecorder`, in
+C when the optional extension is built, and a request whose span may be recorded gets the package's SERVER
+span, with OpenTelemetry's stable HTTP semantic conventions, the exact sampler decision and the duration's
+exemplar. Requests whose span would not be recorded (no tracer provider, ``always_off``, or a parent-based
+sampler with an unsampled parent) only make the incoming context current. HTTP metrics are this package's
+own for every request (one series increment each, instead of the SDK's record path, which costs 9-15 µs).
+
+opentelemetry-instrumentation-asgi's ``OpenTelemetryMiddleware`` makes the recorded spans instead when its
+features are asked for: its hooks (``server_request_hook``, ``client_request_hook``, ``client_response_hook``)
+or header capture (``http_capture_headers_server_request`` ..., or its ``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*``
+variables), passed through as given, without its per-``receive``/``send`` child spans, with a no-op meter
+provider. Used on every request that middleware costs 340-440 µs here, and on recorded requests it is measured
+slower than the package's span (``benchmarks/``: starlette-traced against starlette-contrib), so it is not the
+default. FastAPI's own telemetry (FastAPI 0.16x turns it on as soon as a global provider exists) is switched
+off on the wrapped app, since it would duplicate both the span and ``http_server_request_duration_seconds``.
+The endpoint, when it is on the app's port, is answered by the same path (one ASGI layer, not two).
+``benchmarks/`` measures the result against the bare app.
 
 Configuration
 -------------
@@ -48,23 +53,27 @@ Configuration
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.util.http import ExcludeList, get_excluded_urls, parse_excluded_urls
 
-from ... import propagation, tracing
-from ...tracing import no_provider, tracer_if_recording
+from ... import tracing
 from ...exposition import ASGIApp, Message, MetricsMiddleware, Receive, Scope, Send
-from ...request_spans import KNOWN_METHODS, ATTR_HTTP_ROUTE, HTTPServerMetrics, method_of, route_of
+from ...request_spans import ATTR_HTTP_ROUTE, HTTPServerMetrics, method_of, request_path, route_of
 from ...settings import Settings
-from ...speedups import HTTPRecorder
 from ...telemetry import configure, get_telemetry, served_collector
 from ..fastapi_telemetry import quiet_fastapi_telemetry
 
 __all__ = ["TelemetryMiddleware", "instrument_app", "quiet_fastapi_telemetry"]
+
+#: contrib's header-capture variables: set, they make recorded requests go through contrib's middleware.
+CONTRIB_HEADER_CAPTURE = (
+    "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST",
+    "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_RESPONSE",
+)
 
 class _NameByRoute:
     """Inside contrib's span: when the response starts (the app has routed the request by then; contrib ends
@@ -107,8 +116,11 @@ class TelemetryMiddleware:
         self._exclusions = bool(getattr(self.excluded_urls, "_excluded_urls", None))
         self.contrib_options = contrib_options
         self.metrics = HTTPServerMetrics()
-        self._start = HTTPRecorder(self.metrics, KNOWN_METHODS, propagation.header_names,
-                                   **propagation.header_names_watch()).start
+        #: Whether recorded requests get contrib's span (with its hooks and header capture) rather than this
+        #: package's: only when they are asked for, by an option or contrib's header-capture variables. Measured
+        #: on the trivial Starlette app with every request traced: the package's span path is cheaper (see
+        #: benchmarks/results.md, starlette-traced against starlette-contrib).
+        self.uses_contrib = bool(contrib_options) or any(os.environ.get(name) for name in CONTRIB_HEADER_CAPTURE)
         self._contrib: tuple[Any, Any] = (None, None)  # (tracer provider, middleware built for it)
         # The endpoint is checked here rather than by a MetricsMiddleware around this one: one ASGI layer
         # less on every request (measured: about 3 % of a trivial app's throughput).
@@ -140,45 +152,11 @@ class TelemetryMiddleware:
         await self.asgi(scope, receive, send)
 
     def _build_asgi(self) -> ASGIApp:
-        # Every request of the app passes through the function returned here, and in a saturated server each
-        # Python-level operation costs several times what a micro-benchmark shows (the load generator shares
-        # the machine). So: a plain function, not this object (calling an instance costs a type-slot dispatch,
-        # about 1,700 instructions a request), with what it needs in its closure; the bookkeeping is two calls
-        # of kserve_otel.speedups (C when built): start() counts the request in, reads the clock and scans the
-        # headers for trace fields, and is the app's ``send`` (noting the status); finish() observes the
-        # duration. The no-provider check is inline. benchmarks/ measures it against the bare app.
-        app, start, endpoint, metrics_path = self.app, self._start, self._endpoint, self._metrics_path
-        exclusions, excluded, contrib = self._exclusions, self._excluded, self._contrib_middleware
-
-        async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
-                await app(scope, receive, send)
-                return
-            if scope.get("path") == metrics_path:
-                await endpoint(scope, receive, send)  # type: ignore[misc]
-                return
-            if exclusions and excluded(scope):
-                await app(scope, receive, send)
-                return
-            request = start(scope, send)
-            try:
-                parent = propagation.extract_asgi(scope["headers"]) if request.traced else None
-                # No tracer provider at all (the default: no exporter configured) means nothing is recorded:
-                # what tracer_if_recording() would find after two calls, from the same reads.
-                if no_provider() or tracer_if_recording(parent) is None:
-                    if parent is None:
-                        await app(scope, receive, request)
-                    else:
-                        token = context_api.attach(parent)
-                        try:
-                            await app(scope, receive, request)
-                        finally:
-                            context_api.detach(token)
-                else:
-                    await contrib()(scope, receive, request)
-            finally:
-                request.finish(scope)
-
+        # The one request path (kserve_otel.request_spans.request_path), KServe's REST app's too; contrib's
+        # middleware makes the recorded spans only for users of its hooks or header capture.
+        asgi = request_path(
+            self.app, self.metrics, skip=self._excluded if self._exclusions else None, endpoint=self._endpoint,
+            endpoint_path=self._metrics_path, recorded=self._contrib_middleware if self.uses_contrib else None)
         asgi.middleware = self  # type: ignore[attr-defined]
         return asgi
 

@@ -39,7 +39,7 @@ from wrapt import wrap_function_wrapper
 from ... import propagation, tracing
 from ...exposition import ASGIApp, MetricsMiddleware, Receive, Scope, Send
 from ...names import ATTR_MODEL_NAME
-from ...request_spans import RequestSpanMiddleware
+from ...request_spans import request_path
 from ...settings import Settings, SettingsError
 from ...telemetry import Telemetry, configure, get_telemetry, served_collector
 from ..fastapi_telemetry import quiet_fastapi_telemetry
@@ -173,12 +173,13 @@ class ServerHooks:
         path = telemetry.settings.metrics_path
         mount_endpoint = self.mount_endpoint
 
+        unrecorded = PROBE_PATHS | {path}
+
         def instrumented(inner: ASGIApp) -> ASGIApp:
-            outer: ASGIApp = RequestSpanMiddleware(
-                inner, on_end=_rest_attributes, excluded_paths=PROBE_PATHS | {path})
-            if mount_endpoint:
-                outer = MetricsMiddleware(outer, registry=served_collector, path=path)
-            return outer
+            return request_path(
+                inner, on_end=_rest_attributes, skip=lambda scope: scope.get("path") in unrecorded,
+                endpoint=MetricsMiddleware(inner, registry=served_collector, path=path) if mount_endpoint else None,
+                endpoint_path=path if mount_endpoint else None)
 
         app.add_middleware(WhileInstrumented, instrumented=instrumented)
 
