@@ -164,17 +164,34 @@ histogram_point(HistogramObject *self, char *at)
     self->native = self->with_native ? (NativeBlock *)after : NULL;
 }
 
-/* Prometheus's bucket key of v > 0 at `schema` (its math.Frexp computation: kserve_otel/speedups.py, native_key) */
+/* The lower bounds 2^(j/2^s - 1), j < 2^s, of the buckets of each positive schema s within one power of two
+ * (Prometheus's nativeHistogramBounds; kserve_otel/speedups.py, _NATIVE_BOUNDS): filled once at import, so an
+ * observation bisects a table instead of computing exp2() at each step. */
+static double native_bounds[NATIVE_SCHEMA + 1][1 << NATIVE_SCHEMA];
+
+static void
+native_bounds_fill(void)
+{
+    for (long long s = 1; s <= NATIVE_SCHEMA; s++) {
+        long long n = 1LL << s;
+        for (long long j = 0; j < n; j++)
+            native_bounds[s][j] = exp2((double)j / (double)n - 1.0);
+    }
+}
+
+/* Prometheus's bucket key of v > 0 at `schema` (its math.Frexp computation: kserve_otel/speedups.py, native_key).
+ * The schema never rises above NATIVE_SCHEMA: it only falls, by schema reduction. */
 static inline long long
 native_key(double v, long long schema)
 {
     int exp;
     double frac = frexp(v, &exp);
     if (schema > 0) {
+        const double *bounds = native_bounds[schema];
         long long n = 1LL << schema, lo = 0, hi = n;
-        while (lo < hi) { /* bisect_left over 2^(j/n - 1), j < n */
+        while (lo < hi) { /* bisect_left */
             long long mid = (lo + hi) / 2;
-            if (exp2((double)mid / (double)n - 1.0) < frac)
+            if (bounds[mid] < frac)
                 lo = mid + 1;
             else
                 hi = mid;
@@ -573,15 +590,12 @@ Histogram_bind(HistogramObject *self, PyObject *args, PyObject *kwds)
         double *totals = (double *)(at + (self->nbounds + 1) * sizeof(unsigned long long));
         totals[1] = INFINITY;
         totals[2] = -INFINITY;
-        if (self->with_native) {
-            char *native = (char *)(totals + 3)
-                + (self->with_exemplars ? (self->nbounds + 1) * sizeof(ExemplarSlot) : 0);
-            ((NativeBlock *)native)->schema = NATIVE_SCHEMA;
-        }
         self->interval_min = INFINITY;
         self->interval_max = -INFINITY;
     }
     histogram_point(self, at);
+    if (!carry && self->native != NULL)
+        self->native->schema = NATIVE_SCHEMA;
     PyMem_Free(self->own);
     self->own = NULL;
     if (self->view.obj != NULL)
@@ -1420,6 +1434,7 @@ PyInit__speedups(void)
     if ((int_500 = PyLong_FromLong(500)) == NULL || (sixty_four = PyLong_FromLong(64)) == NULL)
         return NULL;
 
+    native_bounds_fill();
     if (PyType_Ready(&HistogramType) < 0 || PyType_Ready(&CounterType) < 0 || PyType_Ready(&RequestType) < 0 || PyType_Ready(&HTTPRecorderType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&speedups_module);

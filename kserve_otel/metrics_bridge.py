@@ -5,8 +5,8 @@ A bridged reader receives, with every collection, the SDK's own metrics plus one
 in the temporality the reader prefers; a reader whose exporter asks for exponential histograms
 (``OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION=base2_exponential_bucket_histogram``, or a
 ``preferred_aggregation`` of ``ExponentialBucketHistogramAggregation``) gets the native histogram of each
-series that keeps one (:mod:`kserve_otel.speedups`) as an ``ExponentialHistogram``. Readers and exporters downstream cannot tell them from metrics
-recorded through the SDK's instruments, which is the point: the Prometheus reader, the OTLP exporter and
+series that keeps one (:mod:`kserve_otel.speedups`) as an ``ExponentialHistogram``. Readers and exporters
+downstream cannot tell them from metrics recorded through the SDK's instruments, which is the point: the Prometheus reader, the OTLP exporter and
 the in-memory reader of tests all work unchanged.
 
 How: the SDK hands every reader a collect callback through ``MetricReader._set_collect_callback`` (when it is
@@ -135,11 +135,8 @@ class _ReaderBridge:
                 if isinstance(family, HistogramFamily):
                     hist_points = self._histogram_points(family, now)
                     if hist_points:
-                        kind = ExponentialHistogram if isinstance(hist_points[0], ExponentialHistogramDataPoint) \
-                            else Histogram
-                        metrics.append(Metric(family.name, family.description, family.unit, kind(
-                            data_points=hist_points, aggregation_temporality=self.histogram_temporality,
-                        )))
+                        metrics.append(Metric(family.name, family.description, family.unit,
+                                              _histogram_data(hist_points, self.histogram_temporality)))
                 elif isinstance(family, CounterFamily):
                     monotonic = not isinstance(family, UpDownCounterFamily)
                     temporality = self.counter_temporality if monotonic else _CUMULATIVE
@@ -246,9 +243,7 @@ def _metrics_from_snapshot(families: list[dict[str, Any]], now: int, exponential
                         attributes=series["attributes"], start_time_unix_nano=series["start"], time_unix_nano=now,
                         count=count, sum=series["sum"], bucket_counts=tuple(series["counts"]),
                         explicit_bounds=tuple(family["bounds"]), min=low, max=high, exemplars=found))
-            kind = ExponentialHistogram if points and isinstance(points[0], ExponentialHistogramDataPoint) \
-                else Histogram
-            data: Any = kind(data_points=points, aggregation_temporality=_CUMULATIVE)
+            data: Any = _histogram_data(points, _CUMULATIVE)
         else:
             points = [NumberDataPoint(
                 attributes=series["attributes"], start_time_unix_nano=series["start"], time_unix_nano=now,
@@ -259,6 +254,12 @@ def _metrics_from_snapshot(families: list[dict[str, Any]], now: int, exponential
         if points:
             metrics.append(Metric(family["name"], family["description"], family["unit"], data))
     return metrics
+
+
+def _histogram_data(points: list[Any], temporality: AggregationTemporality) -> Histogram | ExponentialHistogram:
+    """A family's points as the SDK's data: exponential when they are (a family's are all of one kind)."""
+    exponential = bool(points) and isinstance(points[0], ExponentialHistogramDataPoint)
+    return (ExponentialHistogram if exponential else Histogram)(data_points=points, aggregation_temporality=temporality)
 
 
 def _exponential_point(attributes: Any, start: int, now: int, count: int, total: float, low: float, high: float,

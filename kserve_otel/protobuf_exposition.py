@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from .snapshots import Snapshot
-from .text_exposition import families_to_write, sanitize_attribute
+from .text_exposition import families_to_write, label_rows
 
 __all__ = ["CONTENT_TYPE", "accepts", "write_families", "write_snapshot"]
 
@@ -106,16 +106,8 @@ def _family(name: str, help_text: str, kind: int, metrics: list[bytes]) -> bytes
 def _label_values(series: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Each series' labels as the text writer writes them (sanitized names, every label of the family on every
     series, ``""`` where one lacks it), unescaped."""
-    rows = [{sanitize_attribute(k): v if type(v) is str else _json(v) for k, v in s["attributes"].items()}
-            for s in series]
-    keys = sorted({k for row in rows for k in row})
+    rows, keys = label_rows(series, escaped=False)
     return [{k: row.get(k, "") for k in keys} for row in rows]
-
-
-def _json(value: object) -> str:
-    import json
-
-    return json.dumps(value, default=str)
 
 
 def _exemplar(exemplar: list[Any]) -> bytes:

@@ -52,7 +52,7 @@ from .snapshots import (
     warn_now_and_then, without_gauges,
 )
 from .speedups import EXEMPLAR_SLOT as _EXEMPLAR
-from .speedups import NATIVE_HEADER, NATIVE_MAX_BUCKETS, NATIVE_SIZE, NATIVE_ZERO_THRESHOLD
+from .speedups import NATIVE_HEADER, NATIVE_MAX_BUCKETS, NATIVE_ZERO_THRESHOLD, histogram_layout
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ class _NotReady(Exception):
 
 
 class _Record:
-    __slots__ = ("kind", "family", "attributes", "start", "at", "buckets", "exemplars", "native")
+    __slots__ = ("kind", "family", "attributes", "start", "at", "buckets", "exemplars", "native", "exemplars_at",
+                 "native_at", "size")
 
     def __init__(self, description: dict[str, Any], at: int) -> None:
         self.kind = description["kind"]
@@ -253,6 +254,9 @@ class _Record:
         self.start = int(description["start"])
         self.at = at
         self.buckets = len(self.family.get("bounds", ())) + 1
+        #: Where its exemplar slots and native block start, and the bytes its cells take (a counter's: 8).
+        self.exemplars_at, self.native_at, self.size = histogram_layout(self.buckets, self.exemplars, self.native) \
+            if self.kind == "histogram" else (8, 8, 8)
         if self.kind not in ("histogram", "counter", "updowncounter") or not isinstance(self.attributes, dict):
             raise ValueError(f"bad record of kind {self.kind!r}")
 
@@ -294,12 +298,7 @@ class _Chunk:
                 raise ValueError(f"bad record at {at}")
             description = json.loads(self.map[at + _RECORD.size: at + _RECORD.size + described])
             record = _Record(description, cells_at)
-            needed = 8 * record.buckets + 24 if record.kind == "histogram" else 8
-            if record.exemplars:
-                needed += _EXEMPLAR.size * record.buckets
-            if record.native:
-                needed += NATIVE_SIZE
-            if cells_at + needed > at + length:
+            if cells_at + record.size > at + length:
                 raise ValueError(f"record at {at} too short for its cells")
             self.records.append(record)
             at += length
@@ -335,7 +334,7 @@ class _Chunk:
     def _native(self, record: _Record) -> tuple[int, float, int, int, tuple[int, ...]] | None:
         """The record's native histogram, read whole (its sequence number even and unchanged around the read;
         read again while it is being written, and left out after a hundred tries)."""
-        at = record.at + 8 * record.buckets + 24 + (_EXEMPLAR.size * record.buckets if record.exemplars else 0)
+        at = record.at + record.native_at
         for _ in range(100):
             seq, schema, zero, offset, used = NATIVE_HEADER.unpack_from(self.map, at)
             if seq & 1 or used > NATIVE_MAX_BUCKETS:
@@ -349,7 +348,7 @@ class _Chunk:
         """The record's exemplar slots, each read whole (its sequence number even and unchanged around the
         read; a slot being written is read again, and left out after three tries)."""
         found: list[tuple[float, float, int, int] | None] = []
-        at = record.at + 8 * record.buckets + 24
+        at = record.at + record.exemplars_at
         for index in range(record.buckets):
             slot = at + _EXEMPLAR.size * index
             exemplar = None

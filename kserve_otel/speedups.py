@@ -82,6 +82,16 @@ def native_reduce(offset: int, counts: list[int], by: int) -> tuple[int, list[in
     return low, [merged.get(key, 0) for key in range(low, high + 1)]
 
 
+def histogram_layout(buckets: int, exemplars: bool, native: bool) -> tuple[int, int, int]:
+    """Where a histogram's cells keep their parts, in bytes from their start: (exemplar slots, native block,
+    size). Counts come first (``buckets`` uint64), then sum, min and max (doubles), then an exemplar slot per
+    bucket (with ``exemplars``), then the native block (with ``native``). The C twin and
+    :mod:`kserve_otel.series_files` (which reads other processes' cells) use the same layout."""
+    exemplars_at = 8 * buckets + 24
+    native_at = exemplars_at + (_EXEMPLAR.size * buckets if exemplars else 0)
+    return exemplars_at, native_at, native_at + (NATIVE_SIZE if native else 0)
+
+
 def _cells(size: int, buffer: Any = None, offset: int = 0) -> memoryview:
     """``size`` bytes of cells: fresh zeroed memory, or the part of ``buffer`` at ``offset`` (8-byte aligned)."""
     if buffer is None:
@@ -103,8 +113,8 @@ class PyHistogram:
     (:mod:`kserve_otel.series_files`). The interval extremes stay in the object: only delta readers use them.
     """
 
-    __slots__ = ("bounds", "with_exemplars", "with_native", "_cells", "_counts", "_totals", "_interval_min",
-                 "_interval_max", "_lock", "mirror")
+    __slots__ = ("bounds", "with_exemplars", "with_native", "_exemplars_at", "_native_at", "cells_size", "_cells",
+                 "_counts", "_totals", "_interval_min", "_interval_max", "_lock", "mirror")
 
     def __init__(self, bounds: Iterable[float], exemplars: bool = False, native: bool = False) -> None:
         self.bounds = tuple(float(b) for b in bounds)
@@ -114,19 +124,13 @@ class PyHistogram:
         self.with_exemplars = bool(exemplars)
         #: Whether the cells hold a native (exponential) histogram too (see :data:`NATIVE_SCHEMA`).
         self.with_native = bool(native)
+        #: Bytes that :meth:`bind` needs in its buffer (and where its exemplars and native block start).
+        self._exemplars_at, self._native_at, self.cells_size = histogram_layout(
+            len(self.bounds) + 1, self.with_exemplars, self.with_native)
         self._lock = threading.Lock()
         self._place(_cells(self.cells_size), carry=None)
         #: Called with every observed value too, when set (see :func:`kserve_otel.series.set_mirror_factory`).
         self.mirror: Callable[[float], object] | None = None
-
-    @property
-    def cells_size(self) -> int:
-        """Bytes that :meth:`bind` needs in its buffer."""
-        return self._native_at + (NATIVE_SIZE if self.with_native else 0)
-
-    @property
-    def _native_at(self) -> int:
-        return 8 * (len(self.bounds) + 1) + 24 + (_EXEMPLAR.size * (len(self.bounds) + 1) if self.with_exemplars else 0)
 
     def _place(self, cells: memoryview, carry: bool | None) -> None:
         split = 8 * (len(self.bounds) + 1)
@@ -149,7 +153,7 @@ class PyHistogram:
         if not self.with_exemplars:
             return
         index = bisect_left(self.bounds, value.__float__())
-        at = 8 * (len(self.bounds) + 1) + 24 + _EXEMPLAR.size * index
+        at = self._exemplars_at + _EXEMPLAR.size * index
         with self._lock:
             cells = self._cells
             (seq,) = _SEQ.unpack_from(cells, at)
@@ -163,7 +167,7 @@ class PyHistogram:
         if not self.with_exemplars:
             return (None,) * (len(self.bounds) + 1)
         with self._lock:
-            start = 8 * (len(self.bounds) + 1) + 24
+            start = self._exemplars_at
             slots = [_EXEMPLAR.unpack_from(self._cells, start + _EXEMPLAR.size * i) for i in range(len(self.bounds) + 1)]
         return tuple(None if seq == 0 else (value, when, (hi << 64) | lo, span)
                      for seq, value, when, hi, lo, span in slots)

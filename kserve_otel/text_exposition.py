@@ -103,7 +103,7 @@ def write(snapshot: Snapshot, openmetrics: bool = False, escaping: str = UNDERSC
         kind = family["kind"]
         _header(out, family, name, kind, openmetrics)
         sample = name.replace(":", "_") if openmetrics and escaping == UNDERSCORES else name
-        rows, keys = _label_rows(series)
+        rows, keys = label_rows(series)
         if kind == "histogram":
             _histogram(out, sample, family["bounds"], series, rows, keys, counts, openmetrics)
         else:
@@ -144,27 +144,34 @@ def _label_name(key: str) -> str:
     return name
 
 
-def _label_value(value: object) -> str:
-    """The reader's ``_check_value``, then prometheus_client's label value escaping."""
+def _label_text(value: object) -> str:
+    """The reader's ``_check_value``: a string as it is, anything else as JSON."""
     if type(value) is not str:
         value = str(value) if isinstance(value, str) else json.dumps(value, default=str)
+    return value  # type: ignore[return-value]
+
+
+def _label_value(value: object) -> str:
+    """The reader's ``_check_value``, then prometheus_client's label value escaping."""
+    value = _label_text(value)
     if "\\" in value or "\n" in value or '"' in value:  # type: ignore[operator]
         value = value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")  # type: ignore[union-attr]
     return value  # type: ignore[return-value]
 
 
-def _label_rows(series: Iterable[dict[str, Any]]) -> tuple[list[dict[str, str]], list[str]]:
-    """Each series' labels (sanitized names, escaped values) and the family's label names, sorted: the union
-    over its series, as the reader builds it."""
+def label_rows(series: Iterable[dict[str, Any]], escaped: bool = True) -> tuple[list[dict[str, str]], list[str]]:
+    """Each series' labels (sanitized names, values escaped for the text formats unless ``escaped`` is false)
+    and the family's label names, sorted: the union over its series, as the reader builds it."""
     rows = []
     keys: set[str] = set()
     for s in series:
         labels = {_label_name(k): v for k, v in s["attributes"].items()}
         keys.update(labels)
         rows.append(labels)
+    value = _label_value if escaped else _label_text
     for labels in rows:
         for k, v in labels.items():
-            labels[k] = _label_value(v)
+            labels[k] = value(v)
     return rows, sorted(keys)
 
 
