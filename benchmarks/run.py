@@ -28,6 +28,7 @@ from .harness import ROOT, Section, Target, load_average, machine_facts
 MEASURES = (
     ("step", "benchmarks.step_overhead", 300),
     ("scrape", "benchmarks.scrape", 300),
+    ("otlp", "benchmarks.otlp_encoding", 200),
     ("memory", "benchmarks.memory", 400),
     ("throughput", "benchmarks.throughput", 1200),
     ("instructions", "benchmarks.instructions", 900),

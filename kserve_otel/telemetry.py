@@ -351,7 +351,14 @@ def _otlp(signal: str) -> Any:
             return OTLPMetricExporter()
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter()
+        from .otlp_export import FastOTLPSpanExporter
+
+        # The SDK's OTLP/HTTP span exporter with the C encoder: same bytes, a tenth of the CPU (issue 14).
+        try:
+            return FastOTLPSpanExporter()
+        except TypeError as error:  # an SDK whose exporter internals moved: its own exporter still works
+            _logger.warning("kserve-otel: %s; spans are exported by the SDK's OTLPSpanExporter", error)
+            return OTLPSpanExporter()
     except ImportError:
         raise SettingsError(
             f"the otlp {signal} exporter needs the OTLP package: pip install 'kserve-otel[otlp]'"
