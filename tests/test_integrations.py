@@ -108,7 +108,10 @@ def _sanitize(annotation: str) -> str:
 
 
 def _sample_names(exposition: str) -> set[str]:
-    return set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", exposition, re.M))
+    """The sample names of a text exposition, and the name of each histogram (what a Prometheus with native
+    histograms stores a native one under)."""
+    names = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", exposition, re.M))
+    return names | set(re.findall(r"^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) histogram$", exposition, re.M))
 
 
 def _metric_names(expr: str) -> set[str]:
@@ -159,6 +162,7 @@ class Stack:
     server: KServeProcess
     prometheus: PrometheusProcess
     exposition: str  # the model server's /metrics after the traffic
+    native: bool  # whether Prometheus runs with native histograms
 
     def no_data_reason(self, expr: str) -> str:
         missing = sorted(_metric_names(expr) - _sample_names(self.exposition))
@@ -200,14 +204,17 @@ def _has_data(prometheus: PrometheusProcess, expr: str) -> bool:
     return result["status"] == "success" and bool(result["data"]["result"])
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=[(), ("native-histograms",)], ids=["classic", "native"])
+def stack(request, tmp_path_factory) -> Iterator[Stack]:
+    """The server scraped by a Prometheus that stores classic histograms (``_bucket``, ``_count`` and ``_sum``
+    series), then by one with native histograms on, which stores the step and HTTP durations as native
+    histograms only: every query and rule must have data from both."""
     tmp = tmp_path_factory.mktemp("prometheus")
     server = KServeProcess(",".join(MODELS), env={"OTEL_TRACES_EXPORTER": "none"})
     prometheus = None
     try:
         server.wait_ready()
-        prometheus = PrometheusProcess(_test_prometheus_config(server, tmp), tmp)
+        prometheus = PrometheusProcess(_test_prometheus_config(server, tmp), tmp, features=request.param)
         wait_until(prometheus.ready, "Prometheus to be ready")
         # Prometheus applies discovered targets up to 5 s after start: traffic before the first scrape would
         # be seen as a constant counter (a rate of zero).
@@ -220,7 +227,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         wait_until(lambda: all(_has_data(prometheus, name) for name in {
             "model_step:request_error_ratio:rate5m", 'model_step:request_seconds:p99_5m{step="explain"}',
             "model_step:time_to_first_item_seconds:p99_5m"}), "the recording rules")
-        yield Stack(server, prometheus, scrape(f"{server.url}/metrics"))
+        yield Stack(server, prometheus, scrape(f"{server.url}/metrics"), bool(request.param))
     finally:
         if prometheus is not None:
             prometheus.stop()
@@ -247,6 +254,15 @@ def test_the_scrape_has_every_metric_the_integrations_use(stack):
     used |= {name for rule in _rules() for name in _metric_names(rule["expr"])}
     missing = sorted(used - _sample_names(stack.exposition))
     assert not missing, f"the integrations use series the server does not export{_missing_note(missing)}"
+
+
+def test_each_prometheus_stores_the_durations_in_its_own_form(stack):
+    """What makes the two runs of these tests different: with native histograms on, the step and HTTP durations
+    have no classic series at all, and the queries' native halves are what answers."""
+    for family in ("request_predict_seconds", "http_server_request_duration_seconds"):
+        classic = _has_data(stack.prometheus, f"{family}_bucket")
+        native = _has_data(stack.prometheus, f"histogram_count({family})")
+        assert (classic, native) == (not stack.native, stack.native), family
 
 
 def test_every_dashboard_query_succeeds_and_has_data(stack):
@@ -341,8 +357,11 @@ def test_kserve_latency_panels_in_milliseconds_with_a_link_to_the_steps_traces()
     queries = dashboard_queries(dashboard())
     panels = {panel["title"]: panel for panel in all_panels(dashboard())}
     for step in STEPS:
-        exprs = [expr for _, _, expr in queries if f"request_{step}_seconds_bucket" in expr]
-        quantiles = {re.match(r"histogram_quantile\(([0-9.]+),", e)[1] for e in exprs}
+        exprs = [expr for _, _, expr in queries if re.search(rf"(?<!ray_)request_{step}_seconds_bucket", expr)]
+        # each: (classic quantile or native quantile) * 1000, of the same quantile
+        quantiles = {tuple(re.findall(r"histogram_quantile\(([0-9.]+),", e)) for e in exprs}
+        assert all(len(set(q)) == 1 and len(q) == 2 for q in quantiles), (step, quantiles)
+        quantiles = {q[0] for q in quantiles}
         assert quantiles == {"0.5", "0.9", "0.99"}, step
         assert all(e.endswith(" * 1000") for e in exprs), step
 
@@ -367,7 +386,7 @@ def test_latency_panels_show_exemplars_that_link_to_their_trace():
     latency = [panel for panel in all_panels(dashboard()) if panel["title"] in titles]
     assert len(latency) == 6, [panel["title"] for panel in latency]
     for panel in latency:
-        p99 = [t for t in panel["targets"] if t["expr"].startswith("histogram_quantile(0.99")]
+        p99 = [t for t in panel["targets"] if t["expr"].lstrip("(").startswith("histogram_quantile(0.99")]
         assert p99 and all(t.get("exemplar") is True for t in p99), panel["title"]
         (override,) = [o for o in panel["fieldConfig"]["overrides"] if o["matcher"]["options"] == "trace_id"]
         (link,) = override["properties"][0]["value"]

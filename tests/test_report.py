@@ -102,13 +102,14 @@ class ReportServer(KServeProcess):
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _prometheus(targets: dict[str, str], tmp: Path) -> PrometheusProcess:
-    """Debian's Prometheus scraping each job's target every second (test_integrations' launcher)."""
+def _prometheus(targets: dict[str, str], tmp: Path, native: bool = False) -> PrometheusProcess:
+    """Debian's Prometheus scraping each job's target every second (test_integrations' launcher); with
+    ``native``, one that stores kserve-otel's durations as native histograms (no ``_bucket`` series)."""
     jobs = ", ".join(f"{{job_name: {job}, static_configs: [{{targets: ['{target}']}}]}}" for job, target in targets.items())
     config = tmp / "prometheus.yml"
     config.write_text("global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
                       f"scrape_configs: [{jobs}]\n")
-    return PrometheusProcess(config, tmp, features=("exemplar-storage",))
+    return PrometheusProcess(config, tmp, features=("exemplar-storage",) + (("native-histograms",) if native else ()))
 
 
 def _scrapes(prometheus: PrometheusProcess, job: str) -> int:
@@ -190,6 +191,7 @@ def _ray_node_exposition() -> Callable[[], str]:
 class Stack:
     server: ReportServer
     prometheus: PrometheusProcess
+    native: PrometheusProcess  # the same targets, with native histograms on
     receiver: OTLPReceiver
     tight: Finished
     loose: Finished
@@ -202,22 +204,26 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     receiver = OTLPReceiver().__enter__()
     server = ReportServer(receiver.endpoint)
     ray_node = _answering("text/plain; version=0.0.4", _ray_node_exposition())
-    prometheus = _prometheus({"report": f"127.0.0.1:{server.http_port}",
-                              "ray": f"127.0.0.1:{ray_node.server_address[1]}"}, tmp_path_factory.mktemp("prometheus"))
+    targets = {"report": f"127.0.0.1:{server.http_port}", "ray": f"127.0.0.1:{ray_node.server_address[1]}"}
+    prometheus = _prometheus(targets, tmp_path_factory.mktemp("prometheus"))
+    native = _prometheus(targets, tmp_path_factory.mktemp("prometheus-native"), native=True)
     try:
         server.wait_ready()
-        wait_until(prometheus.ready, "Prometheus to be ready")
-        wait_until(lambda: _scrapes(prometheus, "report") >= 1, "Prometheus' first scrape of the model server")
+        for each in (prometheus, native):
+            wait_until(each.ready, "Prometheus to be ready")
+            wait_until(lambda: _scrapes(each, "report") >= 1, "Prometheus' first scrape of the model server")
         with Traffic(server.url) as traffic:
             runs = [_report(server.url, "--interval", f"{REPORT_SECONDS}s", "--slo", slo, *extra)
                     for slo, extra in ((TIGHT_SLO, ["--json"]), (LOOSE_SLO, ["--json"]), (TIGHT_SLO, []))]
             tight, loose, table = (_finish(run) for run in runs)
         assert traffic.sent > 10, traffic.sent
-        after = _scrapes(prometheus, "report")
-        wait_until(lambda: _scrapes(prometheus, "report") >= after + 2, "two scrapes after the traffic")
-        yield Stack(server, prometheus, receiver, tight, loose, table)
+        for each in (prometheus, native):
+            after = _scrapes(each, "report")
+            wait_until(lambda: _scrapes(each, "report") >= after + 2, "two scrapes after the traffic")
+        yield Stack(server, prometheus, native, receiver, tight, loose, table)
     finally:
         prometheus.stop()
+        native.stop()
         server.stop()
         receiver.__exit__(None, None, None)
         ray_node.shutdown()
@@ -315,8 +321,13 @@ def test_the_endpoint_serves_every_family_once_with_process_and_gpu_metrics(stac
 
 
 @pytest_e2e
-def test_prometheus_mode_names_the_same_step(stack):
-    finished = _finish(_report("--prometheus", stack.prometheus.url, "--selector", 'job="report"',
+@pytest.mark.parametrize("kind", ["classic", "native"])
+def test_prometheus_mode_names_the_same_step(stack, kind):
+    prometheus = stack.prometheus if kind == "classic" else stack.native
+    if kind == "native":  # what makes this case different: the steps are stored as native histograms only
+        assert not prometheus.query('request_preprocess_seconds_bucket{job="report"}')["data"]["result"]
+        assert prometheus.query('histogram_count(request_preprocess_seconds{job="report"})')["data"]["result"]
+    finished = _finish(_report("--prometheus", prometheus.url, "--selector", 'job="report"',
                                "--interval", "60s", "--slo", TIGHT_SLO, "--json"))
     assert finished.code == 1, finished.stderr
     doc = finished.json
@@ -338,10 +349,11 @@ def _received_preprocess_spans(stack: Stack) -> dict[str, float]:
 
 @pytest_e2e
 def test_both_modes_name_the_slowest_traced_requests_of_the_dominant_step(stack):
-    prometheus = _finish(_report("--prometheus", stack.prometheus.url, "--selector", 'job="report"',
-                                 "--interval", "60s", "--slo", TIGHT_SLO, "--json"))
+    prometheus, native = (_finish(_report("--prometheus", each.url, "--selector", 'job="report"',
+                                          "--interval", "60s", "--slo", TIGHT_SLO, "--json"))
+                          for each in (stack.prometheus, stack.native))
     received = _received_preprocess_spans(stack)
-    for finished in (stack.tight, prometheus):
+    for finished in (stack.tight, prometheus, native):
         traces = finished.json["verdict"]["slowest_traces"]
         assert 1 <= len(traces) <= 3, finished.json["verdict"]
         assert [seconds for seconds, _ in traces] == sorted((seconds for seconds, _ in traces), reverse=True)

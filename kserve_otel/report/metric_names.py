@@ -24,6 +24,8 @@ from ..names import (
 STEP_BUCKET = re.compile(r"^(ray_)?request_([a-z][a-z0-9_]*)_seconds_bucket$")
 #: The same, as a PromQL regular expression of ``__name__``.
 STEP_BUCKET_PROMQL = "(ray_)?request_[a-z][a-z0-9_]*_seconds_bucket"
+#: What a Prometheus with native histograms stores a step's native histogram under: the family's own name.
+STEP_NATIVE_PROMQL = "(ray_)?request_[a-z][a-z0-9_]*_seconds"
 #: Their ``_count`` series.
 STEP_COUNT_PROMQL = "(ray_)?request_[a-z][a-z0-9_]*_seconds_count"
 #: The label Ray Serve puts on a replica's series: the deployment it belongs to.

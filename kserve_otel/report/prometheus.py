@@ -6,6 +6,13 @@ Prometheus' own answers to the dashboards' query, ``histogram_quantile(q, sum by
 (rate(request_<step>_seconds_bucket[<window>])))``, and counts are ``increase()`` over the same window, all
 evaluated at one instant. ``selector`` (label matchers such as ``namespace="prod",job="kserve"``) narrows
 every query to one service.
+
+A Prometheus with native histograms on (``--enable-feature=native-histograms``) stores kserve-otel's step and
+HTTP durations as native histograms only, under the family's own name, with no ``_bucket``, ``_count`` or
+``_sum`` series. Every query here is therefore ``classic or native``: ``histogram_quantile(q, sum by (le, ...)
+(rate(F_bucket[w]))) or histogram_quantile(q, sum by (...) (rate(F[w])))``, and ``histogram_count`` /
+``histogram_sum`` of ``increase(F[w])`` beside ``increase(F_count[w])`` / ``increase(F_sum[w])``; whichever
+has data answers, as in the shipped dashboard and rules.
 """
 
 from __future__ import annotations
@@ -116,7 +123,9 @@ class PrometheusWindow:
             for (model,), histogram in self.histograms(family, (LABEL_MODEL_NAME,), QUANTILES, NO_STEP).items():
                 window.steps[(model, str(step))] = histogram
             self._deployments(window, family, str(step))
-            for labels, value, trace_id in self.api.exemplars(self.select(family + "_bucket"), self.seconds):
+            exemplars = self.api.exemplars(self.select(family + "_bucket"), self.seconds) \
+                + self.api.exemplars(self.select(family), self.seconds)
+            for labels, value, trace_id in exemplars:
                 key = (labels.get(LABEL_MODEL_NAME, ""), str(step))
                 if key in window.steps:
                     window.exemplars.setdefault(key, []).append((value, trace_id))
@@ -146,8 +155,8 @@ class PrometheusWindow:
     def _deployments(self, window: Window, family: str, step: str) -> None:
         """The Ray Serve deployments whose replicas ran ``step`` during the window, per model."""
         deployment = metric_names.DEPLOYMENT_LABEL
-        counts = self.select(family + "_count", NO_STEP, f'{deployment}!=""')
-        ran = self.api.query(f"count by ({LABEL_MODEL_NAME}, {deployment}) (increase({counts}[{self.range}]) > 0)")
+        increases = self._increase(family, "count", NO_STEP, f'{deployment}!=""')
+        ran = self.api.query(f"count by ({LABEL_MODEL_NAME}, {deployment}) (({increases}) > 0)")
         for labels, _ in ran:
             window.deployments.setdefault((labels.get(LABEL_MODEL_NAME, ""), step), []).append(labels[deployment])
         for names in window.deployments.values():
@@ -157,18 +166,18 @@ class PrometheusWindow:
                    scale: float = 1.0) -> dict[tuple[str, ...], Histogram]:
         """``family``'s observations over the window summed by the ``by`` labels, with Prometheus' quantiles."""
         group = ", ".join(by)
-        counts = self.api.query(f"sum by ({group}) (increase({self.select(family + '_count', *matchers)}[{self.range}]))")
+        counts = self.api.query(f"sum by ({group}) ({self._increase(family, 'count', *matchers)})")
         if not counts:
             return {}
-        sums = _by(self.api.query(
-            f"sum by ({group}) (increase({self.select(family + '_sum', *matchers)}[{self.range}]))"), by)
+        sums = _by(self.api.query(f"sum by ({group}) ({self._increase(family, 'sum', *matchers)})"), by)
         result = {}
         for labels, count in counts:
             key = tuple(labels.get(label, "") for label in by)
             result[key] = Histogram(count=count, sum=sums.get(key, 0.0) * scale)
-        buckets = self.select(family + "_bucket", *matchers)
+        buckets, native = self.select(family + "_bucket", *matchers), self.select(family, *matchers)
         for q in quantiles:
-            expr = f"histogram_quantile({q}, sum by (le{', ' if by else ''}{group}) (rate({buckets}[{self.range}])))"
+            expr = (f"histogram_quantile({q}, sum by (le{', ' if by else ''}{group}) (rate({buckets}[{self.range}])))"
+                    f" or histogram_quantile({q}, sum by ({group}) (rate({native}[{self.range}])))")
             for key, value in _by(self.api.query(expr), by).items():
                 if key in result:
                     result[key].quantiles[q] = value * scale
@@ -177,9 +186,20 @@ class PrometheusWindow:
                 histogram.quantiles.setdefault(q, math.nan)
         return result
 
+    def _increase(self, family: str, part: str, *matchers: str) -> str:
+        """The increase of ``family``'s ``_count`` or ``_sum`` (``part``) over the window, each series alike
+        whether Prometheus stores it classic or native."""
+        classic = f"increase({self.select(f'{family}_{part}', *matchers)}[{self.range}])"
+        return f"{classic} or histogram_{part}(increase({self.select(family, *matchers)}[{self.range}]))"
+
     def _step_bucket_names(self) -> set[str]:
-        match = self.select("", f'__name__=~"{metric_names.STEP_BUCKET_PROMQL}"', f'{LABEL_MODEL_NAME}!=""', NO_STEP)
-        return {name for name in self.api.metric_names(match, self.seconds) if metric_names.step_of(name)}
+        """The step families' bucket series names (``[ray_]request_<step>_seconds_bucket``), native histograms
+        named as their bucket series would be."""
+        names = f"{metric_names.STEP_BUCKET_PROMQL}|{metric_names.STEP_NATIVE_PROMQL}"
+        match = self.select("", f'__name__=~"{names}"', f'{LABEL_MODEL_NAME}!=""', NO_STEP)
+        found = {name if name.endswith("_bucket") else f"{name}_bucket"
+                 for name in self.api.metric_names(match, self.seconds)}
+        return {name for name in found if metric_names.step_of(name)}
 
     def _no_steps(self) -> str:
         where = f" matching {{{self.selector}}}" if self.selector else ""
