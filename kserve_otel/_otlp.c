@@ -1007,7 +1007,23 @@ otlp_encode_spans(PyObject *Py_UNUSED(module), PyObject *spans)
     return result;
 }
 
+static PyObject *
+otlp_encode_span(PyObject *Py_UNUSED(module), PyObject *span)
+{
+    if (lookup_constants() < 0)
+        return NULL;
+    Buf b = {0};
+    PyObject *result = NULL;
+    if (grow(&b, 320) == 0 && put_span(&b, span) == 0)
+        result = PyBytes_FromStringAndSize((const char *)b.data, b.len);
+    PyMem_Free(b.data);
+    return result;
+}
+
 static PyMethodDef otlp_methods[] = {
+    {"encode_span", otlp_encode_span, METH_O,
+     PyDoc_STR("encode_span(span) -> bytes: the fields of one OTLP Span message of an SDK ReadableSpan, as "
+               "encode_spans writes them inside its ScopeSpans.")},
     {"encode_spans", otlp_encode_spans, METH_O,
      PyDoc_STR("encode_spans(spans) -> bytes: the serialised OTLP ExportTraceServiceRequest of SDK ReadableSpans, "
                "the bytes of the SDK's encode_spans(spans).SerializeToString().")},

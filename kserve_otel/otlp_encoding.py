@@ -39,11 +39,12 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from struct import Struct
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry.trace import SpanKind
 
-__all__ = ["IMPLEMENTATION", "encode_spans", "py_encode_spans"]
+__all__ = ["IMPLEMENTATION", "EncodedSpan", "encode_batch", "encode_span", "encode_spans", "py_encode_span",
+           "py_encode_spans"]
 
 _logger = logging.getLogger(__name__)
 
@@ -233,17 +234,30 @@ def _scope(scope: Any) -> bytes:
     return bytes(out)
 
 
-def py_encode_spans(spans: Iterable[Any]) -> bytes:
-    """The serialised ``ExportTraceServiceRequest`` of ``spans`` (SDK ``ReadableSpan`` objects), in pure Python."""
+class EncodedSpan(NamedTuple):
+    """One span already encoded (``encode_span``), with what groups it in a request: what a span processor
+    can queue instead of the span itself (one small object in place of a span's twenty or so, which the
+    garbage collector would otherwise promote and scan while they wait for their batch)."""
+
+    resource: Any
+    scope: Any  # the span's instrumentation_scope, or None
+    data: bytes
+
+
+def py_encode_span(span: Any) -> bytes:
+    """The fields of one ``Span`` message of ``span`` (an SDK ``ReadableSpan``), in pure Python."""
+    return bytes(_span(span))
+
+
+def encode_batch(items: Iterable[EncodedSpan]) -> bytes:
+    """The serialised ``ExportTraceServiceRequest`` of spans encoded one by one: the bytes that
+    :func:`encode_spans` gives for the spans themselves, in the same order."""
     groups: dict[Any, dict[Any, list[bytes]]] = {}
     # Identity first, then the dictionaries: a batch's spans mostly share their resource and scope objects,
     # and a Resource's hash serialises its attributes to JSON. Same groups as the SDK's: a dict finds a key
     # that is the same object before it compares.
     last_resource = last_scope = last_spans = last_scopes = None
-    for span in spans:
-        resource = span.resource
-        scope = span.instrumentation_scope or None
-        encoded = _span(span)
+    for resource, scope, encoded in items:
         if resource is not last_resource or last_scopes is None:
             last_scopes = groups.get(resource)
             if last_scopes is None:
@@ -274,13 +288,18 @@ def py_encode_spans(spans: Iterable[Any]) -> bytes:
     return bytes(out)
 
 
+def py_encode_spans(spans: Iterable[Any]) -> bytes:
+    """The serialised ``ExportTraceServiceRequest`` of ``spans`` (SDK ``ReadableSpan`` objects), in pure Python."""
+    return encode_batch([(span.resource, span.instrumentation_scope or None, _span(span)) for span in spans])
+
+
 try:
     if os.environ.get("KSERVE_OTEL_NO_EXTENSION"):
         raise ImportError("KSERVE_OTEL_NO_EXTENSION is set")
-    from ._otlp import encode_spans  # type: ignore[import-not-found]
+    from ._otlp import encode_span, encode_spans  # type: ignore[import-not-found]
 
     #: Which implementation :func:`encode_spans` is: ``"c"`` (the extension) or ``"python"``.
     IMPLEMENTATION = "c"
 except ImportError:
-    encode_spans = py_encode_spans
+    encode_span, encode_spans = py_encode_span, py_encode_spans
     IMPLEMENTATION = "python"

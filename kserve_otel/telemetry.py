@@ -402,7 +402,7 @@ def _attach_span_export(settings: Settings, provider: Any, resource: Resource,
     processors: list[SpanProcessor] = []
     if isinstance(provider, TracerProvider):
         for exporter in exporters:
-            processor = BatchSpanProcessor(exporter, meter_provider=meter_provider)
+            processor = _batching(exporter)(exporter, meter_provider=meter_provider)
             if isinstance(meter_provider, MeterProvider):
                 _count_processed_spans(processor, meter_provider)
             provider.add_span_processor(processor)
@@ -413,6 +413,16 @@ def _attach_span_export(settings: Settings, provider: Any, resource: Resource,
             "spans are not exported by kserve-otel", provider,
         )
     return provider, processors, owns
+
+
+def _batching(exporter: Any) -> type[BatchSpanProcessor]:
+    """The batch processor for ``exporter``: spans for the fast OTLP exporter are queued already encoded (see
+    :mod:`kserve_otel.otlp_export`), others as the SDK queues them."""
+    try:
+        from .otlp_export import EncodingBatchSpanProcessor, FastOTLPSpanExporter
+    except ImportError:  # no OTLP exporter package: no fast exporter either
+        return BatchSpanProcessor
+    return EncodingBatchSpanProcessor if isinstance(exporter, FastOTLPSpanExporter) else BatchSpanProcessor
 
 
 def _count_processed_spans(processor: BatchSpanProcessor, meter_provider: MeterProvider) -> None:
