@@ -164,19 +164,11 @@ class _ReaderBridge:
                     if native is not None and last[2] is not None:
                         native = add_native(native, last[2], sign=-1)
                 start, low, high = last_time, interval_low, interval_high
-            count = sum(counts)
-            if count == 0:  # a series is created just before its first observation
+            if not any(counts):  # a series is created just before its first observation
                 continue
             found = _exemplars(series.exemplars(), since=start if delta else 0) if family.exemplars else []
-            if native is not None:
-                points.append(_exponential_point(series.attributes, start, now, count, total, low, high, native,
-                                                 found))
-                continue
-            points.append(HistogramDataPoint(
-                attributes=series.attributes, start_time_unix_nano=start, time_unix_nano=now, count=count,
-                sum=total, bucket_counts=counts, explicit_bounds=series.bounds, min=low, max=high,
-                exemplars=found,
-            ))
+            points.append(_histogram_point(series.attributes, start, now, counts, series.bounds, total, low, high,
+                                           native, found))
         return points
 
     def _counter_points(
@@ -227,22 +219,16 @@ def _metrics_from_snapshot(families: list[dict[str, Any]], now: int, exponential
         if family["kind"] == "histogram":
             points: list[Any] = []
             for series in family["series"]:
-                count = sum(series["counts"])
-                if not count:
+                if not any(series["counts"]):
                     continue
                 low = math.inf if series["min"] is None else series["min"]
                 high = -math.inf if series["max"] is None else series["max"]
                 found = _exemplars(
                     (None if e is None else (e[0], e[1], int(e[2], 16), int(e[3], 16)) for e in series["exemplars"]),
                     since=0) if series.get("exemplars") else []
-                if exponential and series.get("native") is not None:
-                    points.append(_exponential_point(series["attributes"], series["start"], now, count,
-                                                     series["sum"], low, high, series["native"], found))
-                else:
-                    points.append(HistogramDataPoint(
-                        attributes=series["attributes"], start_time_unix_nano=series["start"], time_unix_nano=now,
-                        count=count, sum=series["sum"], bucket_counts=tuple(series["counts"]),
-                        explicit_bounds=tuple(family["bounds"]), min=low, max=high, exemplars=found))
+                points.append(_histogram_point(
+                    series["attributes"], series["start"], now, tuple(series["counts"]), tuple(family["bounds"]),
+                    series["sum"], low, high, series.get("native") if exponential else None, found))
             data: Any = _histogram_data(points, _CUMULATIVE)
         else:
             points = [NumberDataPoint(
@@ -260,6 +246,19 @@ def _histogram_data(points: list[Any], temporality: AggregationTemporality) -> H
     """A family's points as the SDK's data: exponential when they are (a family's are all of one kind)."""
     exponential = bool(points) and isinstance(points[0], ExponentialHistogramDataPoint)
     return (ExponentialHistogram if exponential else Histogram)(data_points=points, aggregation_temporality=temporality)
+
+
+def _histogram_point(attributes: Any, start: int, now: int, counts: tuple[int, ...], bounds: tuple[float, ...],
+                     total: float, low: float, high: float, native: dict[str, Any] | None,
+                     exemplars: list[Exemplar]) -> HistogramDataPoint | ExponentialHistogramDataPoint:
+    """One series as an OpenTelemetry point, from the hot path or from a snapshot alike: its native histogram
+    (a snapshot's ``"native"`` entry) as an exponential point when one is given, else its explicit buckets."""
+    count = sum(counts)
+    if native is not None:
+        return _exponential_point(attributes, start, now, count, total, low, high, native, exemplars)
+    return HistogramDataPoint(
+        attributes=attributes, start_time_unix_nano=start, time_unix_nano=now, count=count, sum=total,
+        bucket_counts=counts, explicit_bounds=bounds, min=low, max=high, exemplars=exemplars)
 
 
 def _exponential_point(attributes: Any, start: int, now: int, count: int, total: float, low: float, high: float,
