@@ -37,11 +37,31 @@ static PyObject *s_name, *s_context, *s_trace_id, *s_span_id, *s_trace_state, *s
     *s_kind, *s_start_time, *s_end_time, *s_attributes, *s_dropped_attributes, *s_events, *s_timestamp,
     *s_dropped_events, *s_links, *s_dropped_links, *s_status, *s_description, *s_status_code, *s_value,
     *s_resource, *s_instrumentation_scope, *s_version, *s_schema_url, *s_exception, *s_exc_info, *s_empty,
-    *s_log_format;
+    *s_log_format, *s__attributes, *s__events, *s__links, *s__dict, *s__dq;
 
 /* Looked up at the first call: SpanKind's members (kind i is wire value i + 1), StatusCode's (value i), the
  * Sequence and Mapping ABCs, and the logger of kserve_otel.otlp_encoding. */
 static PyObject *span_kinds[5], *status_codes[3], *abc_sequence, *abc_mapping, *logger;
+
+/* The SDK classes whose private fields are read directly, past their properties (which copy: a
+ * ReadableSpan's attributes are a MappingProxyType over a BoundedAttributes, iterated in Python, its events and
+ * links a tuple made under a lock). Exact types only; NULL where the SDK has none of that name, and then every
+ * span takes the property path. Reading the fields gives the same items in the same order. */
+static PyTypeObject *readable_span_type, *bounded_attributes_type, *bounded_list_type;
+
+static PyTypeObject *
+type_from(const char *module_name, const char *name)
+{
+    PyObject *module = PyImport_ImportModule(module_name);
+    PyObject *found = module == NULL ? NULL : PyObject_GetAttrString(module, name);
+    Py_XDECREF(module);
+    if (found == NULL || !PyType_Check(found)) {
+        PyErr_Clear();
+        Py_XDECREF(found);
+        return NULL;
+    }
+    return (PyTypeObject *)found; /* kept for the life of the process */
+}
 
 static int
 lookup_constants(void)
@@ -85,6 +105,9 @@ done:
         Py_XDECREF(found);
         return -1;
     }
+    readable_span_type = type_from("opentelemetry.sdk.trace", "ReadableSpan");
+    bounded_attributes_type = type_from("opentelemetry.attributes", "BoundedAttributes");
+    bounded_list_type = type_from("opentelemetry.sdk.util", "BoundedList");
     memcpy(span_kinds, kinds_found, sizeof(span_kinds));
     memcpy(status_codes, codes_found, sizeof(status_codes));
     abc_sequence = sequence;
@@ -553,6 +576,19 @@ put_attributes(Buf *b, unsigned char tag, PyObject *attributes)
     if (attributes == Py_None)
         return 0;
     int rc = 0;
+    if (bounded_attributes_type != NULL && Py_TYPE(attributes) == bounded_attributes_type) {
+        PyObject *inner = PyObject_GetAttr(attributes, s__dict);
+        if (inner == NULL)
+            return -1;
+        if (PyDict_CheckExact(inner))
+            rc = put_attributes(b, tag, inner); /* what its Mapping methods read, key by key */
+        else
+            rc = 1;
+        Py_DECREF(inner);
+        if (rc <= 0)
+            return rc;
+        rc = 0;
+    }
     if (PyDict_CheckExact(attributes)) {
         Py_ssize_t pos = 0;
         PyObject *key, *value;
@@ -764,6 +800,31 @@ put_links(Buf *b, PyObject *links)
 }
 
 /* The fields of one Span message, in field-number order (flags, field 16, last). */
+/* A ReadableSpan's field ``name`` (``_attributes``, ``_events``, ``_links``) where its property would copy it:
+ * a new reference to what to encode, or NULL with an exception. For any other span type, the property. */
+static PyObject *
+span_field(PyObject *span, PyObject *field, PyObject *property)
+{
+    if (readable_span_type == NULL || Py_TYPE(span) != readable_span_type)
+        return PyObject_GetAttr(span, property);
+    PyObject *value = PyObject_GetAttr(span, field);
+    if (value == NULL)
+        return NULL;
+    if (field == s__attributes) {
+        if (value == Py_None) { /* the property: MappingProxyType(self._attributes or {}) */
+            Py_DECREF(value);
+            return PyDict_New();
+        }
+        return value; /* a BoundedAttributes (read through its dict by put_attributes) or a mapping */
+    }
+    if (bounded_list_type != NULL && Py_TYPE(value) == bounded_list_type) { /* tuple(self._events) */
+        PyObject *items = PyObject_GetAttr(value, s__dq);
+        Py_DECREF(value);
+        return items;
+    }
+    return value;
+}
+
 static int
 put_span(Buf *b, PyObject *span)
 {
@@ -786,12 +847,15 @@ put_span(Buf *b, PyObject *span)
     Py_CLEAR(value);
     if (kind < 0 || put_byte(b, 0x30) < 0 || put_byte(b, (unsigned char)kind) < 0 ||
         put_unsigned_attr(b, span, s_start_time, 0x39, 1) < 0 || put_unsigned_attr(b, span, s_end_time, 0x41, 1) < 0 ||
-        put_attributes_attr(b, span, 0x4a) < 0 || put_unsigned_attr(b, span, s_dropped_attributes, 0x50, 0) < 0 ||
-        (value = PyObject_GetAttr(span, s_events)) == NULL || put_events(b, value) < 0)
+        (value = span_field(span, s__attributes, s_attributes)) == NULL || put_attributes(b, 0x4a, value) < 0)
         goto done;
     Py_CLEAR(value);
-    if (put_unsigned_attr(b, span, s_dropped_events, 0x60, 0) < 0 || (value = PyObject_GetAttr(span, s_links)) == NULL ||
-        put_links(b, value) < 0)
+    if (put_unsigned_attr(b, span, s_dropped_attributes, 0x50, 0) < 0 ||
+        (value = span_field(span, s__events, s_events)) == NULL || put_events(b, value) < 0)
+        goto done;
+    Py_CLEAR(value);
+    if (put_unsigned_attr(b, span, s_dropped_events, 0x60, 0) < 0 ||
+        (value = span_field(span, s__links, s_links)) == NULL || put_links(b, value) < 0)
         goto done;
     Py_CLEAR(value);
     if (put_unsigned_attr(b, span, s_dropped_links, 0x70, 0) < 0 || (value = PyObject_GetAttr(span, s_status)) == NULL ||
@@ -1072,5 +1136,10 @@ PyInit__otlp(void)
     INTERN(s_exc_info, "exc_info");
     INTERN(s_empty, "");
     INTERN(s_log_format, "Failed to encode key %s: %s");
+    INTERN(s__attributes, "_attributes");
+    INTERN(s__events, "_events");
+    INTERN(s__links, "_links");
+    INTERN(s__dict, "_dict");
+    INTERN(s__dq, "_dq");
     return PyModule_Create(&otlp_module);
 }
