@@ -63,8 +63,14 @@ _SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _RANDOM_BIT = TraceFlags.RANDOM_TRACE_ID
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _UNSAMPLED_RANDOM = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
+#: Attribute value types the SDK's cleaning keeps as they are (without a value length limit).
+_PLAIN_TYPES = frozenset({str, bool, int, float})
+#: The request-span factory of each tracer (``None``: the tracer takes the SDK path), by ``id`` (the factory
+#: holds its tracer, so the id stays that tracer's).
+_request_factories: dict[int, SpanFactory | None] = {}
 #: ``SpanFactory.start``'s default: read the parent from the context given.
 _FROM_CONTEXT: Any = object()
+_UNKNOWN: Any = object()
 
 
 class SpanFactory:
@@ -117,16 +123,8 @@ class SpanFactory:
             flags = _SAMPLED_RANDOM if parent.trace_flags & _RANDOM_BIT else _SAMPLED
             trace_state = parent.trace_state
         span_id = _random_id(64) if ids is None else ids.generate_span_id()
-
-        attributes = _new(BoundedAttributes)
-        state = attributes.__dict__
-        state.update(self._attribute_template)
-        state["_dict"] = self._attribute_items.copy()
-        state["_lock"] = Lock()
-        span = _new(_Span)
+        span = self._span(self._attribute_items.copy())
         state = span.__dict__
-        state.update(self._template)
-        state["_attributes"] = attributes
         state["_events"] = _bounded_list(self._max_events)
         state["_links"] = _bounded_list(self._max_links)
         state["_lock"] = Lock()
@@ -136,6 +134,56 @@ class SpanFactory:
         state["_record_end_metrics"] = self._metrics.start_span(parent, Decision.RECORD_AND_SAMPLE)
         state["_start_time"] = time_ns()
         self._processor.on_start(span, parent_context=None)  # what Tracer.start_span passes without a context
+        return span
+
+    def _span(self, items: dict[str, Any]) -> Any:
+        """A span of the template holding the attributes ``items`` (already clean), its containers fresh."""
+        attributes = _new(BoundedAttributes)
+        state = attributes.__dict__
+        state.update(self._attribute_template)
+        state["_dict"] = items
+        state["_lock"] = Lock()
+        span = _new(_Span)
+        state = span.__dict__
+        state.update(self._template)
+        state["_attributes"] = attributes
+        return span
+
+    def takes(self, attributes: dict[str, Any]) -> bool:
+        """Whether ``attributes`` are what the SDK's cleaning would keep as they are: at most the limit's count of
+        str, bool, int or float values (no sequences), under str keys, with no value length limit."""
+        template = self._attribute_template
+        if template["max_value_len"] is not None or (template["maxlen"] is not None
+                                                      and len(attributes) > template["maxlen"]):
+            return False
+        plain = _PLAIN_TYPES
+        return all(type(key) is str and key and type(value) in plain for key, value in attributes.items())
+
+    def start_request(self, name: str, kind: trace.SpanKind, context: Any, parent: Any, trace_id: int,
+                      attributes: dict[str, Any]) -> Any:
+        """A started, sampled span ``name`` of ``kind`` with ``attributes`` (which :meth:`takes` accepted) under
+        ``parent`` (the valid parent ``SpanContext`` found in ``context``, or ``None`` for a root of
+        ``trace_id``): what :func:`start_sampled_span` makes, from this factory's template."""
+        ids = self._ids
+        if parent is None:
+            flags, trace_state = self._root_flags, None
+        else:
+            trace_id = parent.trace_id
+            flags = _SAMPLED_RANDOM if parent.trace_flags & _RANDOM_BIT else _SAMPLED
+            trace_state = parent.trace_state
+        span_id = _random_id(64) if ids is None else ids.generate_span_id()
+        span = self._span(dict(attributes))
+        state = span.__dict__
+        state["_name"] = name
+        state["_kind"] = kind
+        state["_events"] = _bounded_list(self._max_events)
+        state["_links"] = _bounded_list(self._max_links)
+        state["_lock"] = Lock()
+        state["_context"] = SpanContext(trace_id, span_id, False, flags, trace_state)
+        state["_parent"] = parent
+        state["_record_end_metrics"] = self._metrics.start_span(parent, Decision.RECORD_AND_SAMPLE)
+        state["_start_time"] = time_ns()
+        self._processor.on_start(span, parent_context=context)  # as Span.start passes it
         return span
 
 
@@ -230,6 +278,13 @@ def start_sampled_span(
     root, whose ``trace_id`` was drawn from ``ids``); ``tracer`` must be one that :func:`supports` accepts."""
     if not tracer._is_enabled():
         return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
+    factory = _request_factories.get(id(tracer), _UNKNOWN)
+    if factory is _UNKNOWN:
+        factory = span_factory(tracer, "request", {}) if len(_request_factories) < 64 else None
+        _request_factories[id(tracer)] = factory
+    if factory is not None and attributes and factory.takes(attributes):
+        # The same span, without cleaning attributes that are clean or the SDK's keyword plumbing (issue 14)
+        return factory.start_request(name, kind, context, parent, trace_id, attributes)
     if parent is None:
         flags, trace_state = ids.root_flags[1], None
     else:

@@ -275,3 +275,27 @@ def test_span_ids_are_drawn_as_the_sdks_id_generator_draws_them():
     ids = SpanIds(counting)
     assert (ids.trace_id(), ids.span_id()) == (0x1001 << 64, 0x1002)
     assert ids.root_flags == (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))
+
+
+@pytest.mark.parametrize(("attributes", "limits"), [
+    ({"url.path": "/v1/models/iris:predict", "server.port": 8080, "ok": True, "ratio": 0.5}, {}),
+    ({"http.request.header.accept": ["a", "b"], "server.port": 8080}, {}),  # a sequence: cleaned by the SDK
+    ({"url.path": "/v1/models/iris:predict"}, {"max_span_attribute_length": 4}),  # truncated by the SDK
+    ({f"a{i}": i for i in range(5)}, {"max_span_attributes": 3}),  # some dropped by the SDK
+], ids=["plain", "sequence", "value-length-limit", "count-limit"])
+def test_request_spans_are_the_sdks_with_any_attributes_and_limits(attributes, limits):
+    """Plain attributes skip the SDK's cleaning (the request-span template); anything the cleaning would change
+    takes the SDK's path: either way the span is the SDK's."""
+    from opentelemetry.sdk.trace import SpanLimits
+
+    exporter = InMemorySpanExporter()
+    provider, _ = provider_with(exporter, span_limits=SpanLimits(**limits))
+    tracer = provider.get_tracer("kserve-otel-test", "1")
+    sdk_made = tracer.start_span("GET /", kind=trace.SpanKind.SERVER, attributes=attributes)
+    ours = start_sampled_span(tracer, SpanIds(tracer), "GET /", None, None, 0x77, trace.SpanKind.SERVER, attributes)
+    for span in (sdk_made, ours):
+        span.set_attribute("http.response.status_code", 200)
+        span.end()
+    sdk_made, factory_made = exporter.get_finished_spans()
+    assert comparable(factory_made) == comparable(sdk_made)
+    assert type(factory_made.attributes) is type(sdk_made.attributes)
