@@ -39,6 +39,8 @@ __all__ = [
 EXEMPLAR_SLOT = struct.Struct("=QddQQQ")
 _EXEMPLAR = EXEMPLAR_SLOT
 _SEQ = struct.Struct("=Q")
+#: One native bucket count.
+_COUNT = _SEQ
 _LOW_64 = (1 << 64) - 1
 
 #: Native (exponential) histograms, as Prometheus defines them: bucket ``k`` of schema ``s`` holds
@@ -183,6 +185,11 @@ class PyHistogram:
             zero += 1
         elif value == value:
             key = native_key(value, schema)
+            if used and offset <= key < offset + used:  # the common case: a bucket already spanned, counted in place
+                cell = counts_at + _COUNT.size * (key - offset)
+                _COUNT.pack_into(cells, cell, _COUNT.unpack_from(cells, cell)[0] + 1)
+                NATIVE_HEADER.pack_into(cells, at, seq + 2, schema, zero, offset, used)  # even: whole
+                return
             counts = list(struct.unpack_from(f"={used}Q", cells, counts_at)) if used else []
             if not counts:
                 offset, counts = key, [0]
