@@ -47,7 +47,8 @@ static PyObject *span_kinds[5], *status_codes[3], *abc_sequence, *abc_mapping, *
  * ReadableSpan's attributes are a MappingProxyType over a BoundedAttributes, iterated in Python, its events and
  * links a tuple made under a lock). Exact types only; NULL where the SDK has none of that name, and then every
  * span takes the property path. Reading the fields gives the same items in the same order. */
-static PyTypeObject *readable_span_type, *bounded_attributes_type, *bounded_list_type;
+static PyTypeObject *readable_span_type, *bounded_attributes_type, *bounded_list_type, *span_context_type;
+static PyObject *s__context, *s__parent, *s__name, *s__kind, *s__start_time, *s__end_time, *s__status;
 
 static PyTypeObject *
 type_from(const char *module_name, const char *name)
@@ -108,6 +109,7 @@ done:
     readable_span_type = type_from("opentelemetry.sdk.trace", "ReadableSpan");
     bounded_attributes_type = type_from("opentelemetry.attributes", "BoundedAttributes");
     bounded_list_type = type_from("opentelemetry.sdk.util", "BoundedList");
+    span_context_type = type_from("opentelemetry.trace", "SpanContext");
     memcpy(span_kinds, kinds_found, sizeof(span_kinds));
     memcpy(status_codes, codes_found, sizeof(status_codes));
     abc_sequence = sequence;
@@ -300,6 +302,39 @@ put_string(Buf *b, unsigned char tag, PyObject *obj)
     return 0;
 }
 
+/* getattr(obj, name), past the property where the SDK's property only returns a field: a ReadableSpan's
+ * context, parent, name, kind, start_time, end_time and status (``self._<name>``, from the instance dict), a
+ * SpanContext's trace_id, span_id, is_remote and trace_state (``self[i]``: it is a tuple). Exact types only. */
+static PyObject *
+get_field(PyObject *obj, PyObject *name)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type == readable_span_type && readable_span_type != NULL) {
+        PyObject *field = name == s_context ? s__context : name == s_parent ? s__parent : name == s_name ? s__name :
+                          name == s_kind ? s__kind : name == s_start_time ? s__start_time :
+                          name == s_end_time ? s__end_time : name == s_status ? s__status : NULL;
+        if (field != NULL) {
+            PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+            if (dict == NULL)
+                return NULL;
+            PyObject *value = PyDict_GetItemWithError(dict, field);
+            Py_XINCREF(value);
+            Py_DECREF(dict);
+            if (value != NULL || PyErr_Occurred())
+                return value;
+        }
+    } else if (type == span_context_type && span_context_type != NULL && PyTuple_GET_SIZE(obj) == 6) {
+        int index = name == s_trace_id ? 0 : name == s_span_id ? 1 : name == s_is_remote ? 2 :
+                    name == s_trace_state ? 4 : -1;
+        if (index >= 0) {
+            PyObject *value = PyTuple_GET_ITEM(obj, index);
+            Py_INCREF(value);
+            return value;
+        }
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
 /* An unsigned integer field's value: an int (or anything with __index__) of at most `max`. */
 static int
 unsigned_of(PyObject *obj, uint64_t max, uint64_t *out)
@@ -329,7 +364,7 @@ unsigned_of(PyObject *obj, uint64_t max, uint64_t *out)
 static int
 put_unsigned_attr(Buf *b, PyObject *obj, PyObject *name, unsigned char tag, int fixed64)
 {
-    PyObject *value = PyObject_GetAttr(obj, name);
+    PyObject *value = get_field(obj, name);
     if (value == NULL)
         return -1;
     int rc = 0;
@@ -348,7 +383,7 @@ put_unsigned_attr(Buf *b, PyObject *obj, PyObject *name, unsigned char tag, int 
 static int
 put_string_attr(Buf *b, PyObject *obj, PyObject *name, unsigned char tag)
 {
-    PyObject *value = PyObject_GetAttr(obj, name);
+    PyObject *value = get_field(obj, name);
     if (value == NULL)
         return -1;
     int rc = put_string(b, tag, value);
@@ -390,7 +425,7 @@ put_id(Buf *b, PyObject *value, unsigned char tag, int size)
 static int
 put_id_attr(Buf *b, PyObject *obj, PyObject *name, unsigned char tag, int size)
 {
-    PyObject *value = PyObject_GetAttr(obj, name);
+    PyObject *value = get_field(obj, name);
     if (value == NULL)
         return -1;
     int rc = put_id(b, value, tag, size);
@@ -641,7 +676,7 @@ flags_of(PyObject *context)
     int truth = PyObject_IsTrue(context);
     if (truth <= 0)
         return truth < 0 ? -1 : HAS_IS_REMOTE;
-    PyObject *remote = PyObject_GetAttr(context, s_is_remote);
+    PyObject *remote = get_field(context, s_is_remote);
     if (remote == NULL)
         return -1;
     truth = PyObject_IsTrue(remote);
@@ -832,16 +867,16 @@ put_span(Buf *b, PyObject *span)
     PyObject *context = NULL, *value = NULL, *parent = NULL;
     int rc = -1;
     int64_t flags;
-    if ((context = PyObject_GetAttr(span, s_context)) == NULL ||
+    if ((context = get_field(span, s_context)) == NULL ||
         put_id_attr(b, context, s_trace_id, 0x0a, 16) < 0 || put_id_attr(b, context, s_span_id, 0x12, 8) < 0 ||
-        (value = PyObject_GetAttr(context, s_trace_state)) == NULL || put_trace_state(b, value) < 0)
+        (value = get_field(context, s_trace_state)) == NULL || put_trace_state(b, value) < 0)
         goto done;
     Py_CLEAR(value);
-    if ((parent = PyObject_GetAttr(span, s_parent)) == NULL)
+    if ((parent = get_field(span, s_parent)) == NULL)
         goto done;
     int has_parent = PyObject_IsTrue(parent);
     if (has_parent < 0 || (has_parent && put_id_attr(b, parent, s_span_id, 0x22, 8) < 0) ||
-        put_string_attr(b, span, s_name, 0x2a) < 0 || (value = PyObject_GetAttr(span, s_kind)) == NULL)
+        put_string_attr(b, span, s_name, 0x2a) < 0 || (value = get_field(span, s_kind)) == NULL)
         goto done;
     int kind = span_kind_value(value);
     Py_CLEAR(value);
@@ -858,7 +893,7 @@ put_span(Buf *b, PyObject *span)
         (value = span_field(span, s__links, s_links)) == NULL || put_links(b, value) < 0)
         goto done;
     Py_CLEAR(value);
-    if (put_unsigned_attr(b, span, s_dropped_links, 0x70, 0) < 0 || (value = PyObject_GetAttr(span, s_status)) == NULL ||
+    if (put_unsigned_attr(b, span, s_dropped_links, 0x70, 0) < 0 || (value = get_field(span, s_status)) == NULL ||
         (value != Py_None && put_status(b, value) < 0) || (flags = flags_of(parent)) < 0 ||
         put_fixed32(b, flags_tag, 2, (uint32_t)flags) < 0)
         goto done;
@@ -1141,5 +1176,12 @@ PyInit__otlp(void)
     INTERN(s__links, "_links");
     INTERN(s__dict, "_dict");
     INTERN(s__dq, "_dq");
+    INTERN(s__context, "_context");
+    INTERN(s__parent, "_parent");
+    INTERN(s__name, "_name");
+    INTERN(s__kind, "_kind");
+    INTERN(s__start_time, "_start_time");
+    INTERN(s__end_time, "_end_time");
+    INTERN(s__status, "_status");
     return PyModule_Create(&otlp_module);
 }

@@ -90,8 +90,32 @@ def _hand_made_spans() -> list[ReadableSpan]:
     ]
 
 
+class _OwnSpan(ReadableSpan):
+    """A span class of a user's own: the encoder reads it through its properties only."""
+
+    @property
+    def name(self) -> str:
+        return f"own {self._name}"
+
+
+class _OwnContext(SpanContext):
+    pass
+
+
+def _own_class_spans() -> list[ReadableSpan]:
+    """Spans that are not the SDK's exact classes, next to ones that are, in one batch."""
+    own = [_OwnSpan(span.name, _OwnContext(span.context.trace_id, span.context.span_id, span.context.is_remote,
+                                           span.context.trace_flags, span.context.trace_state),
+                    parent=span.parent, resource=span.resource, attributes=span.attributes, events=span.events,
+                    links=span.links, kind=span.kind, status=span.status, start_time=span.start_time,
+                    end_time=span.end_time, instrumentation_scope=span.instrumentation_scope)
+           for span in _traced_spans()]
+    return own + _hand_made_spans()
+
+
 @pytest.mark.parametrize("implementation", ENCODERS)
-@pytest.mark.parametrize("make", [_traced_spans, _hand_made_spans, lambda: []], ids=["traced", "hand-made", "none"])
+@pytest.mark.parametrize("make", [_traced_spans, _hand_made_spans, _own_class_spans, lambda: []],
+                         ids=["traced", "hand-made", "own-classes", "none"])
 def test_same_bytes_as_the_sdk_encoder(implementation: str, make) -> None:
     spans = make()
     expected = sdk_encode_spans(spans).SerializeToString()
