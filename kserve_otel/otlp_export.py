@@ -40,6 +40,8 @@ from .otlp_encoding import EncodedSpan, encode_batch, encode_span, encode_spans
 
 __all__ = ["EncodingBatchSpanProcessor", "FastOTLPSpanExporter"]
 
+_new_tuple = tuple.__new__
+
 # The SDK exporter's logger: the same messages reach the same handlers as with the SDK's exporter.
 _logger = logging.getLogger(_sdk_trace_exporter.__name__)
 
@@ -125,7 +127,8 @@ class EncodingBatchSpanProcessor(BatchSpanProcessor):
         if not (context and context.trace_flags.sampled):
             return
         try:
-            item = EncodedSpan(span.resource, span.instrumentation_scope or None, encode_span(span))
+            # tuple.__new__: the NamedTuple's own __new__ is a Python function, called for every span
+            item = _new_tuple(EncodedSpan, (span.resource, span.instrumentation_scope or None, encode_span(span)))
         except Exception as error:  # noqa: BLE001 - a span that cannot be encoded is dropped, never raised
             # The SDK's exporter would fail its whole batch; this loses the one span, and counts it as the
             # SDK counts a batch it cannot encode: an export of it that failed with this error.

@@ -156,8 +156,12 @@ class SpanFactory:
         if template["max_value_len"] is not None or (template["maxlen"] is not None
                                                       and len(attributes) > template["maxlen"]):
             return False
-        plain = _PLAIN_TYPES
-        return all(type(key) is str and key and type(value) in plain for key, value in attributes.items())
+        if not _PLAIN_TYPES.issuperset(map(type, attributes.values())):
+            return False
+        for key in attributes:
+            if type(key) is not str or not key:
+                return False
+        return True
 
     def start_request(self, name: str, kind: trace.SpanKind, context: Any, parent: Any, trace_id: int,
                       attributes: dict[str, Any]) -> Any:
@@ -228,7 +232,7 @@ def _random_id(bits: int) -> int:
 
 def _bounded_list(maxlen: int | None) -> Any:
     items = _new(BoundedList)
-    items.__dict__.update(dropped=0, _dq=deque(maxlen=maxlen), _lock=Lock())
+    items.__dict__ = {"dropped": 0, "_dq": deque(maxlen=maxlen), "_lock": Lock()}
     return items
 
 
