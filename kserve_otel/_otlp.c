@@ -421,7 +421,7 @@ put_id(Buf *b, PyObject *value, unsigned char tag, int size)
     return 0;
 }
 
-/* getattr(obj, name).attr2 for an id. */
+/* getattr(obj, name) as an id field (trace or span id). */
 static int
 put_id_attr(Buf *b, PyObject *obj, PyObject *name, unsigned char tag, int size)
 {

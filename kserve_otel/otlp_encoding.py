@@ -106,20 +106,21 @@ def _unsigned(value: Any, bits: int) -> int:
     return number
 
 
-def _put_uint32(out: bytearray, tag: bytes, value: Any) -> None:
+def _put_unsigned(out: bytearray, tag: bytes, value: Any, bits: int, encode: Any) -> None:
+    """An optional unsigned field of ``bits`` bits written by ``encode``: nothing for None or 0."""
     if value is not None:
-        number = _unsigned(value, 32)
+        number = _unsigned(value, bits)
         if number:
             out += tag
-            out += _varint(number)
+            out += encode(number)
+
+
+def _put_uint32(out: bytearray, tag: bytes, value: Any) -> None:
+    _put_unsigned(out, tag, value, 32, _varint)
 
 
 def _put_fixed64(out: bytearray, tag: bytes, value: Any) -> None:
-    if value is not None:
-        number = _unsigned(value, 64)
-        if number:
-            out += tag
-            out += _fixed64(number)
+    _put_unsigned(out, tag, value, 64, _fixed64)
 
 
 def _any_value(value: Any) -> bytes:
