@@ -263,9 +263,10 @@ def machine_facts() -> dict[str, Any]:
 
 
 def _speedups_implementation() -> str:
-    """Which kserve_otel.speedups the measures' processes use: the C extension or the pure-Python twin."""
+    """Which kserve_otel.recording.speedups the measures' processes use: the C extension or the pure-Python
+    twin."""
     try:
-        from kserve_otel import speedups
+        from kserve_otel.recording import speedups
     except ImportError:
         return "not importable"
     return "C extension" if speedups.IMPLEMENTATION == "c" else "pure Python"

@@ -5,7 +5,7 @@ its paired runs still swing by several per cent, and how much of a request the m
 how costly the machine makes the network. Valgrind's callgrind counts the instructions a process executes:
 the same count for the same code, whatever else the machine is doing. This measure says, repeatably, what
 share of a request's own work the instrumentation adds, and what the optional C extension
-(``kserve_otel._speedups``) saves against the pure-Python twin (``KSERVE_OTEL_NO_EXTENSION=1``).
+(``kserve_otel.recording._speedups``) saves against the pure-Python twin (``KSERVE_OTEL_NO_EXTENSION=1``).
 
 How: the app of :func:`benchmarks.servers.starlette_app` (the one the throughput measure serves; default
 settings, the endpoint mounted in the app) is driven in process with no server and no sockets: one event loop

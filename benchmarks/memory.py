@@ -1,9 +1,9 @@
 """Memory after a million instrumented calls: the hot path must not grow with the number of calls.
 
-Why: a step observation lands in a fixed-size bucket counter (``kserve_otel/series.py``), so the memory the
-package holds is fixed by the number of (model, step) pairs. A leak of even a few bytes per call (a cached
-span, a list of durations, an ever-growing dict) would take a model server down after days of traffic; a
-million calls make a few bytes per call visible.
+Why: a step observation lands in a fixed-size bucket counter (``kserve_otel/recording/series.py``), so the
+memory the package holds is fixed by the number of (model, step) pairs. A leak of even a few bytes per call (a
+cached span, a list of durations, an ever-growing dict) would take a model server down after days of traffic;
+a million calls make a few bytes per call visible.
 
 How, for each mode (metrics only, no tracer provider; and sampled spans through an SDK ``TracerProvider`` with a
 ``BatchSpanProcessor`` whose exporter drops them):

@@ -2,7 +2,8 @@
 
 Why: with every request traced, the ``BatchSpanProcessor``'s thread spent about 15 % of a KServe server's
 samples in the SDK's ``encode_spans`` (protobuf message objects, one per span, attribute and value), holding
-the GIL the event loop needs (issue 14). :mod:`kserve_otel.otlp_encoding` writes the same bytes directly.
+the GIL the event loop needs (issue 14). :mod:`kserve_otel.export.otlp_encoding` writes the same bytes
+directly.
 
 What is timed: one export batch of 512 spans (the ``BatchSpanProcessor``'s ``max_export_batch_size``) as a
 traced KServe request makes them, 128 requests of one SERVER span with the stable HTTP attributes and three
@@ -22,7 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from kserve_otel import otlp_encoding
+from kserve_otel.export import otlp_encoding
 
 from .harness import Case, Section, Table, Target, fmt_spread, fmt_time, measure, module_main, ratio
 

@@ -89,7 +89,8 @@ def render_markdown(sections: list[Section], facts: dict, command: str, started:
         ["cores", str(facts["cores"])], ["CPU", facts["cpu"]], ["memory", facts["memory"]],
         ["kernel", facts["kernel"]],
         ["load average (1, 5, 15 min)", f"{facts['load']} at start, {facts['load_at_end']} at end"],
-        ["Python", facts["python"]], ["packages", packages], ["kserve_otel.speedups", facts["speedups"]],
+        ["Python", facts["python"]], ["packages", packages],
+        ["kserve_otel.recording.speedups", facts["speedups"]],
         ["commit", f"`{facts['commit']}`"],
     ])
     lines += ["## Targets", ""]

@@ -2,16 +2,17 @@
 
 Why: KServe's metrics go straight from prometheus_client histograms to text; kserve-otel's endpoint collects the
 OpenTelemetry SDK's metrics through a bridged ``PrometheusMetricReader`` and writes the step series from their
-snapshot (:mod:`kserve_otel.text_exposition`). A scrape every few seconds on a busy model server must not cost
-more than what KServe's own ``/metrics`` costs today, and must stay cheap with many series.
+snapshot (:mod:`kserve_otel.export.text_exposition`). A scrape every few seconds on a busy model server must
+not cost more than what KServe's own ``/metrics`` costs today, and must stay cheap with many series.
 
 What is timed, with 50 models x 4 steps (``preprocess``, ``predict``, ``postprocess``, ``explain``) = 200
 histogram series, each with a few observations:
 
-* in process: ``kserve_otel.exposition.render(registry, None, None)`` on ``configure(...).prometheus_registry``,
-  against ``prometheus_client.generate_latest`` of a fresh ``CollectorRegistry`` holding the same 200 series in
-  prometheus_client ``Histogram``s with KServe's buckets (KServe's own layout); then again with 500 models x 4
-  steps = 2,000 series on both sides (the cardinality limit of one family is 2,000);
+* in process: ``kserve_otel.export.exposition.render(registry, None, None)`` on
+  ``configure(...).prometheus_registry``, against ``prometheus_client.generate_latest`` of a fresh
+  ``CollectorRegistry`` holding the same 200 series in prometheus_client ``Histogram``s with KServe's buckets
+  (KServe's own layout); then again with 500 models x 4 steps = 2,000 series on both sides (the cardinality
+  limit of one family is 2,000);
 * over HTTP on loopback: a GET of the running endpoint, against prometheus_client's ``start_http_server`` on
   the baseline registry; a new connection per scrape, as plain text, and again with ``Accept-Encoding: gzip``
   as Prometheus sends it.
@@ -40,7 +41,7 @@ from prometheus_client import (
 )
 
 import kserve_otel
-from kserve_otel.exposition import render
+from kserve_otel.export.exposition import render
 from kserve_otel.names import KSERVE_BUCKETS, KSERVE_STEPS, step_metric_name
 
 from .harness import Case, Section, Table, Target, fmt_spread, fmt_time, measure, module_main, ratio
@@ -92,8 +93,9 @@ class Endpoints:
         return generate_latest(self.baseline)
 
     def render_through_reader(self) -> bytes:
-        """The same body the way ``render`` wrote it before :mod:`kserve_otel.text_exposition`: every series
-        through the bridge's OpenTelemetry data, the reader's families and prometheus_client's encoder."""
+        """The same body the way ``render`` wrote it before :mod:`kserve_otel.export.text_exposition`: every
+        series through the bridge's OpenTelemetry data, the reader's families and prometheus_client's
+        encoder."""
         return generate_latest(self.registry)
 
     def render_baseline_without_created(self) -> bytes:

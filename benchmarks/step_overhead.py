@@ -19,8 +19,8 @@ What is timed (each case is a loop of calls of ``step(1)``; overhead = case - ba
 
 Spans of the SDK providers go to a ``BatchSpanProcessor`` (what ``configure()`` installs) whose exporter counts
 and drops them: the queueing and the export thread are paid, no I/O is. Step spans use the package's seam
-``kserve_otel.tracing.set_tracer_provider`` (what ``configure(tracer_provider=...)`` calls), so no global
-provider is ever installed in this process and "no tracer provider" stays true for ``ours-metrics``.
+``kserve_otel.spans.tracing.set_tracer_provider`` (what ``configure(tracer_provider=...)`` calls), so no
+global provider is ever installed in this process and "no tracer provider" stays true for ``ours-metrics``.
 The async variants time the same cases as coroutine functions awaited in one event-loop task.
 """
 
@@ -43,9 +43,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry, Histogram
 
-from kserve_otel import instrument_step, tracing
+from kserve_otel import instrument_step
+from kserve_otel.spans import tracing
 from kserve_otel.names import KSERVE_BUCKETS, step_instrument_name
-from kserve_otel.series import REGISTRY, HistogramSeries
+from kserve_otel.recording.series import REGISTRY, HistogramSeries
 
 from .harness import Case, Section, Table, Target, Timings, fmt_spread, fmt_time, measure, module_main, ratio
 

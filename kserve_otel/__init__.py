@@ -7,8 +7,8 @@ Public API (everything else is private and may change):
 * :class:`Settings`, :class:`SettingsError` — the configuration and its errors.
 * :class:`Telemetry`, :func:`get_telemetry` — what :func:`configure` set up.
 
-The names are imported on first use, so that ``import kserve_otel.settings`` (what auto-instrumentation does at
-every interpreter start-up when it may be on) does not import the OpenTelemetry SDK.
+The names are imported on first use, so that ``import kserve_otel.config.settings`` (what auto-instrumentation
+does at every interpreter start-up when it may be on) does not import the OpenTelemetry SDK.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from .settings import Settings, SettingsError
-    from .steps import instrument_step
+    from .config.settings import Settings, SettingsError
+    from .request_path.steps import instrument_step
     from .telemetry import Telemetry, configure, get_telemetry, shutdown
 
 _LAZY = {
-    "Settings": "settings", "SettingsError": "settings", "instrument_step": "steps",
+    "Settings": "config.settings", "SettingsError": "config.settings",
+    "instrument_step": "request_path.steps",
     "Telemetry": "telemetry", "configure": "telemetry", "get_telemetry": "telemetry", "shutdown": "telemetry",
 }
 

@@ -9,14 +9,16 @@ Python. Only then is this module imported. It resolves the ``enabled`` setting a
 import hooks: the moment the program imports ``kserve`` or ``ray.serve``, that framework is instrumented (KServe's
 worker processes and Ray Serve's replicas start Python afresh, so they go through the same check). Nothing here ever stops the program: a failure is one line
 on stderr. Settings other than ``enabled`` are resolved when the framework is imported, forgivingly
-(:meth:`kserve_otel.settings.Settings.load_forgiving`: a bad value is one line, and only what it configures is off).
+(:meth:`kserve_otel.config.settings.Settings.load_forgiving`: a bad value is one line, and only what it
+configures is off).
 
-Problems are reported by the process that acts on them, once per process tree (:mod:`kserve_otel.problems`):
-a bad ``KSERVE_OTEL_ENABLED`` at once (the variable says auto-instrumentation is wanted); an annotations file
-that cannot be used (a FIFO, a device, a directory, more than 1 MiB, not UTF-8) or a bad enabling annotation
-only when the program imports ``kserve`` or ``ray.serve``, so that the other Python processes of the
-environment (pip, probes, scripts) start as if there were no file. The file is read only when the variable is
-not set, and never blocks (see :mod:`kserve_otel.annotations`).
+Problems are reported by the process that acts on them, once per process tree
+(:mod:`kserve_otel.config.problems`): a bad ``KSERVE_OTEL_ENABLED`` at once (the variable says
+auto-instrumentation is wanted); an annotations file that cannot be used (a FIFO, a device, a directory, more
+than 1 MiB, not UTF-8) or a bad enabling annotation only when the program imports ``kserve`` or ``ray.serve``,
+so that the other Python processes of the environment (pip, probes, scripts) start as if there were no file.
+The file is read only when the variable is not set, and never blocks (see
+:mod:`kserve_otel.config.annotations`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _hook(target: str):  # type: ignore[no-untyped-def]
 
 def _report_on_import(problems: list[tuple[str, str]]):  # type: ignore[no-untyped-def]
     def on_import(module: object) -> None:
-        from .problems import report_once
+        from .config.problems import report_once
 
         for key, message in problems:
             report_once(key, f"{message}; auto-instrumentation by pod annotation is off")
@@ -60,8 +62,8 @@ def _report_on_import(problems: list[tuple[str, str]]):  # type: ignore[no-untyp
 
 def start() -> bool:
     """Register the import hooks if auto-instrumentation is on; returns whether it is."""
-    from .problems import report_once
-    from .settings import SettingsError, resolve_setting
+    from .config.problems import report_once
+    from .config.settings import SettingsError, resolve_setting
 
     problems: list[tuple[str, str]] = []  # found in the annotations file: told only to a model server
     try:

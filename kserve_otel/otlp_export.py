@@ -6,7 +6,7 @@ objects, about 17 µs a span), in the ``BatchSpanProcessor``'s thread but under 
 needs. This subclass is the SDK's ``OTLPSpanExporter`` in every respect (configuration and environment
 variables, HTTP client with its retries, compression and timeouts, ``shutdown``, the self-observability metrics
 of ``OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED``, the ``max_request_size`` check) except that the request body
-comes from :func:`kserve_otel.otlp_encoding.encode_spans`: the same bytes, at a fraction of the cost.
+comes from :func:`kserve_otel.export.otlp_encoding.encode_spans`: the same bytes, at a fraction of the cost.
 
 ``export()`` is the SDK's own (1.45), step for step, with the encoder swapped. It needs four of the SDK
 exporter's private attributes, read in one place (:func:`_sdk_parts`), and checked when an exporter is made:
@@ -18,8 +18,8 @@ they wait up to the schedule delay for their batch: long enough to be promoted t
 whose growth then triggers full collections of the whole server's heap. On a KServe server tracing every
 request that was about seven full collections in ten seconds, 85 ms each on average, against four without
 tracing, and the cause of its 90 ms p99. The processor encodes each span when it ends and queues one
-:class:`~kserve_otel.otlp_encoding.EncodedSpan`; the span itself is freed at once. Everything else is the
-SDK's ``BatchSpanProcessor``: the queue and its limit (spans dropped when it is full are counted as ever),
+:class:`~kserve_otel.export.otlp_encoding.EncodedSpan`; the span itself is freed at once. Everything else is
+the SDK's ``BatchSpanProcessor``: the queue and its limit (spans dropped when it is full are counted as ever),
 the schedule, batch size, ``force_flush``, ``shutdown`` and its self-observability metrics.
 """
 
@@ -36,7 +36,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
 
-from .otlp_encoding import EncodedSpan, encode_batch, encode_span, encode_spans
+from .export.otlp_encoding import EncodedSpan, encode_batch, encode_span, encode_spans
 
 __all__ = ["EncodingBatchSpanProcessor", "FastOTLPSpanExporter"]
 
@@ -115,7 +115,7 @@ class FastOTLPSpanExporter(OTLPSpanExporter):
 
 class EncodingBatchSpanProcessor(BatchSpanProcessor):
     """The SDK's ``BatchSpanProcessor`` (same arguments) for a :class:`FastOTLPSpanExporter`: each sampled span
-    is encoded when it ends and queued as one small :class:`~kserve_otel.otlp_encoding.EncodedSpan`."""
+    is encoded when it ends and queued as one small :class:`~kserve_otel.export.otlp_encoding.EncodedSpan`."""
 
     def __init__(self, span_exporter: FastOTLPSpanExporter, *args: Any, **kwargs: Any) -> None:
         if not isinstance(span_exporter, FastOTLPSpanExporter):

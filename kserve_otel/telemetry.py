@@ -2,8 +2,9 @@
 
 What it does, in order:
 
-1. Resolves :class:`~kserve_otel.settings.Settings` (argument > ``KSERVE_OTEL_*`` > ``OTEL_*`` > pod
-   annotation > default); a bad value raises :class:`~kserve_otel.settings.SettingsError` here, at start-up.
+1. Resolves :class:`~kserve_otel.config.settings.Settings` (argument > ``KSERVE_OTEL_*`` > ``OTEL_*`` > pod
+   annotation > default); a bad value raises :class:`~kserve_otel.config.settings.SettingsError` here, at
+   start-up.
 2. Metrics: creates the readers the settings ask for (a Prometheus reader on a registry of its own, an OTLP or
    console periodic reader), bridges each to the step series, and registers them with the meter provider: the
    one passed in, else the global SDK provider if the application or a framework installed one (readers are
@@ -38,11 +39,12 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
 
-from . import exemplars, tracing
-from .exposition import ASGIApp, MergedCollector, MetricsMiddleware, MetricsServer
-from .metrics_bridge import bridge_reader, bridge_of
-from .series import REGISTRY as SERIES
-from .settings import Settings, SettingsError
+from .recording import exemplars
+from .spans import tracing
+from .export.exposition import ASGIApp, MergedCollector, MetricsMiddleware, MetricsServer
+from .export.metrics_bridge import bridge_reader, bridge_of
+from .recording.series import REGISTRY as SERIES
+from .config.settings import Settings, SettingsError
 
 _logger = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ class Telemetry:
     def collector(self, include_global_registry: bool = False) -> Any:
         """What the endpoint serves: this package's registry, and with ``include_global_registry``
         prometheus_client's global one after it, each family name once (see
-        :class:`~kserve_otel.exposition.MergedCollector`). ``None`` without Prometheus."""
+        :class:`~kserve_otel.export.exposition.MergedCollector`). ``None`` without Prometheus."""
         if self.prometheus_registry is None:
             return None
         if include_global_registry:
@@ -126,7 +128,7 @@ class Telemetry:
 
     def merge_peers(self, peers: Any) -> None:
         """Make the Prometheus endpoint show the sum of this process and its ``peers``
-        (a :class:`~kserve_otel.series_files.SharedSeries`: the processes of one server)."""
+        (a :class:`~kserve_otel.export.series_files.SharedSeries`: the processes of one server)."""
         for reader in self.readers:
             bridge = bridge_of(reader)
             if bridge is not None and self.prometheus_registry is not None and _is_prometheus(reader):
@@ -300,7 +302,7 @@ def _build(
     meter_provider, owns_meters = _attach_readers(readers, meter_provider, resource)
     stop_resources = None
     if readers and isinstance(meter_provider, MeterProvider):  # nothing would export them otherwise
-        from .resource_metrics import enable_resource_metrics
+        from .export.resource_metrics import enable_resource_metrics
 
         stop_resources = enable_resource_metrics(meter_provider)
     tracer_provider, processors, owns_traces = _attach_span_export(

@@ -2,7 +2,7 @@
 # Installs everything the example and the tests need, on a fresh machine: a virtualenv in .venv with this
 # package and its extras (versions from constraints.txt), Debian's prometheus (for promtool and the
 # Prometheus server the end-to-end tests start), wrk (the benchmarks' load generator) and valgrind (their
-# instruction counts). The install compiles the optional C extension kserve_otel._speedups (gcc and Python's
+# instruction counts). The install compiles the optional C extension kserve_otel.recording._speedups (gcc and Python's
 # headers). Re-running it skips what is already in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.kserve-otel-installed"
-want=$(cat pyproject.toml constraints.txt setup.py kserve_otel/_speedups.c | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt setup.py kserve_otel/recording/_speedups.c kserve_otel/export/_otlp.c | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[dev]"

@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 import kserve_otel
-from kserve_otel import tracing
+from kserve_otel.spans import tracing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

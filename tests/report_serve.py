@@ -15,7 +15,7 @@ import kserve
 
 import kserve_otel
 from kserve_otel.instrumentation.kserve import KServeInstrumentor
-from kserve_otel.resource_metrics import enable_resource_metrics
+from kserve_otel.export.resource_metrics import enable_resource_metrics
 
 from .kserve_e2e.models import FailingModel
 from .report_models import QuickModel, SlowPreprocessModel

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from kserve_otel.annotations import MAX_ANNOTATIONS_BYTES, read_annotations
-from kserve_otel.problems import REPORTED_VARIABLE
+from kserve_otel.config.annotations import MAX_ANNOTATIONS_BYTES, read_annotations
+from kserve_otel.config.problems import REPORTED_VARIABLE
 
 ENABLED = 'serving.kserve.io/enable-prometheus-scraping="true"\n'
 

@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import kserve_otel
-from kserve_otel import instrument_step, tracing
+from kserve_otel import instrument_step
+from kserve_otel.spans import tracing
 from kserve_otel.instrumentation.asgi import instrument_app
 
 

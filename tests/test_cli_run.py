@@ -106,7 +106,7 @@ def test_bad_targets_print_one_line_and_exit_2(target, message):
 
 def test_help_and_readme_name_every_option_from_the_settings_table():
     from kserve_otel.cli.run import SERVE_OPTIONS, SETTING_OPTIONS
-    from kserve_otel.settings import SETTINGS_TABLE
+    from kserve_otel.config.settings import SETTINGS_TABLE
 
     result = subprocess.run([RUN, "--help"], capture_output=True, text=True, timeout=60)
     help_text = " ".join(result.stdout.split())

@@ -83,7 +83,7 @@ async def test_1000_concurrent_asyncio_tasks_are_counted_exactly(telemetry, mode
 
 def test_in_flight_steps_from_16_threads_balance_and_never_read_negative():
     """The in-flight gauge's lock-free increment/decrement, read concurrently, as a scrape would."""
-    from kserve_otel.series import SeriesRegistry
+    from kserve_otel.recording.series import SeriesRegistry
 
     series = SeriesRegistry().up_down_counter("in.flight", "", "{request}", ("method",)).series("GET")
     start = threading.Barrier(17)

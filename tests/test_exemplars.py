@@ -12,7 +12,8 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from kserve_otel import exemplars, instrument_step
+from kserve_otel.recording import exemplars
+from kserve_otel import instrument_step
 
 OPENMETRICS = {"Accept": "application/openmetrics-text; version=1.0.0; charset=utf-8"}
 

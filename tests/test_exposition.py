@@ -21,8 +21,8 @@ from conftest import ServerThread, families, free_port, histogram_count, run_pyt
 from prometheus_client import CollectorRegistry, Histogram
 
 from kserve_otel import instrument_step
-from kserve_otel import exposition
-from kserve_otel.exposition import MetricsMiddleware, MetricsServer
+from kserve_otel.export import exposition
+from kserve_otel.export.exposition import MetricsMiddleware, MetricsServer
 
 PROMTOOL = shutil.which("promtool")
 

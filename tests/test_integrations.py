@@ -9,7 +9,7 @@ neighbours. After a few seconds of traffic, every PromQL expression of the Grafa
 is evaluated through Prometheus' HTTP API: each must succeed and return data, except the ones listed in
 ``NO_DATA_HERE`` and ``ALERTS_FALSE_HERE`` with the reason, which must still succeed. The Kubernetes manifests
 and the Collector configuration are checked against the settings this package reads
-(``kserve_otel.settings.SETTINGS_TABLE``).
+(``kserve_otel.config.settings.SETTINGS_TABLE``).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from dashboard import DASHBOARD, all_panels, dashboard, dashboard_queries, refer
 from conftest import ROOT, KServeProcess, PrometheusProcess, free_port, scrape, wait_until
 from opentelemetry.sdk import environment_variables as otel_environment_variables
 
-from kserve_otel.annotations import DEFAULT_ANNOTATIONS_FILE
+from kserve_otel.config.annotations import DEFAULT_ANNOTATIONS_FILE
 from kserve_otel.names import ATTR_MODEL_NAME, ATTR_STEP
-from kserve_otel.settings import SETTINGS_TABLE
+from kserve_otel.config.settings import SETTINGS_TABLE
 
 pytestmark = pytest.mark.e2e
 
@@ -70,7 +70,8 @@ ALERTS_FALSE_HERE = {
     "KServeModelStepLatencyHigh": "every step's p99 here is well under the 0.5 s threshold (the slowest, the "
                                   "streaming predict, takes about 0.2 s)",
 }
-#: HTTP metrics of the instrumented REST app (kserve_otel.request_spans): a query over them without data says so.
+#: HTTP metrics of the instrumented REST app (kserve_otel.request_path.request_spans): a query over them
+#: without data says so.
 HTTP_METRICS = ("http_server_active_requests", "http_server_request_duration_seconds")
 
 ROWS = [[6.8, 2.8, 4.8, 1.4], [5.1, 3.5, 1.4, 0.2]]

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from kserve_otel.instrumentation.kserve import KServeInstrumentor
 from kserve_otel.instrumentation.kserve.latency_log import LatencyLogFilter
 from kserve_otel.names import step_instrument_name
-from kserve_otel.series import REGISTRY as SERIES
+from kserve_otel.recording.series import REGISTRY as SERIES
 
 
 def count(step: str, model: str) -> int:

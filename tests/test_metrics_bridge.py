@@ -14,7 +14,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 
 from kserve_otel import instrument_step
-from kserve_otel.metrics_bridge import bridge_reader, is_bridged
+from kserve_otel.export.metrics_bridge import bridge_reader, is_bridged
 from kserve_otel.names import KSERVE_BUCKETS
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, PrometheusProcess, free_port, wait_until
 
-from kserve_otel import protobuf_exposition, speedups
-from kserve_otel.exposition import render
-from kserve_otel.series import SeriesRegistry
-from kserve_otel.snapshots import merge_snapshots, snapshot_registry
+from kserve_otel.export import protobuf_exposition
+from kserve_otel.recording import speedups
+from kserve_otel.export.exposition import render
+from kserve_otel.recording.series import SeriesRegistry
+from kserve_otel.export.snapshots import merge_snapshots, snapshot_registry
 
 PROMETHEUS_ACCEPT = ("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;"
                      "q=0.7,text/plain;version=0.0.4;q=0.3,*/*;q=0.1")  # what Prometheus 2.42 sends with the flag
@@ -140,7 +141,7 @@ def test_the_protobuf_exposition_holds_both_forms_and_other_collectors(pb):
 def test_render_serves_protobuf_only_to_a_scraper_that_asks_for_it(pb):
     from prometheus_client import CollectorRegistry, Gauge
 
-    from kserve_otel.exposition import MergedCollector
+    from kserve_otel.export.exposition import MergedCollector
 
     gauges = CollectorRegistry()
     Gauge("process_open_fds", "Open file descriptors", registry=gauges).set(7)
@@ -237,7 +238,7 @@ def _exponential_reader(registry: SeriesRegistry, temporality=None):
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation
 
-    from kserve_otel.metrics_bridge import bridge_reader
+    from kserve_otel.export.metrics_bridge import bridge_reader
 
     reader = bridge_reader(InMemoryMetricReader(
         preferred_aggregation={HistogramInstrument: ExponentialBucketHistogramAggregation()},

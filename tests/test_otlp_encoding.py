@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from kserve_otel import otlp_encoding
+from kserve_otel.export import otlp_encoding
 from kserve_otel.otlp_export import SDK_ATTRIBUTES, FastOTLPSpanExporter
 from otlp_receiver import OTLPReceiver
 

@@ -1,4 +1,5 @@
-"""Process and GPU metrics (``kserve_otel.resource_metrics``) through real SDK meter providers and readers.
+"""Process and GPU metrics (``kserve_otel.export.resource_metrics``) through real SDK meter providers and
+readers.
 
 Process metrics are read from this very process through OpenTelemetry's system-metrics instrumentation; GPU
 metrics through the fake NVML of ``tests/fake_nvml`` (two devices with fixed numbers), since the test
@@ -23,7 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 
-from kserve_otel.resource_metrics import PROCESS_METRICS, enable_resource_metrics
+from kserve_otel.export.resource_metrics import PROCESS_METRICS, enable_resource_metrics
 
 FAKE_NVML = Path(__file__).parent / "fake_nvml" / "pynvml.py"
 GIB = 2**30
@@ -203,7 +204,7 @@ def test_an_applications_own_system_metrics_are_left_alone():
         from opentelemetry.instrumentation.system_metrics import SystemMetricsInstrumentor
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-        from kserve_otel.resource_metrics import enable_resource_metrics
+        from kserve_otel.export.resource_metrics import enable_resource_metrics
 
         reader = InMemoryMetricReader()
         provider = MeterProvider(metric_readers=[reader])
@@ -227,7 +228,7 @@ def test_a_forked_child_reports_its_own_process():
         sys.modules["pynvml"] = None
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-        from kserve_otel.resource_metrics import enable_resource_metrics
+        from kserve_otel.export.resource_metrics import enable_resource_metrics
 
         reader = InMemoryMetricReader()
         enable_resource_metrics(MeterProvider(metric_readers=[reader]))

@@ -15,18 +15,20 @@ from collections.abc import Callable, Iterator
 import pytest
 from conftest import ROOT
 
-from kserve_otel import series_files, snapshots
-from kserve_otel.series import SeriesRegistry
-from kserve_otel.series_files import DirectoryRefused, SharedSeries, create_directory, open_private_directory
-from kserve_otel.snapshots import merge_snapshots, snapshot_registry
+from kserve_otel.export import series_files, snapshots
+from kserve_otel.recording.series import SeriesRegistry
+from kserve_otel.export.series_files import (
+    DirectoryRefused, SharedSeries, create_directory, open_private_directory,
+)
+from kserve_otel.export.snapshots import merge_snapshots, snapshot_registry
 
 # A worker: observes `n` values of `value` seconds, counts them, puts 2 requests in flight, shares its series
 # in the directory, prints "ready"; then "loop" on stdin makes it observe one value every millisecond (printing
 # "looping"), end of input makes it exit normally.
 WORKER = """
 import json, sys, time
-from kserve_otel.series import REGISTRY
-from kserve_otel.series_files import SharedSeries
+from kserve_otel.recording.series import REGISTRY
+from kserve_otel.export.series_files import SharedSeries
 
 directory, n, value = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 bounds = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
@@ -334,7 +336,7 @@ def test_links_and_foreign_files_inside_are_never_followed_nor_merged(tmp_path, 
 
 
 def test_stale_directories_of_killed_servers_are_removed_and_live_ones_kept(tmp_path):
-    make = "import sys, time; from kserve_otel.series_files import create_directory; " \
+    make = "import sys, time; from kserve_otel.export.series_files import create_directory; " \
            "print(create_directory(sys.argv[1]), flush=True); time.sleep(60)"
     killed = subprocess.Popen([sys.executable, "-c", make, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               cwd=ROOT)
@@ -407,8 +409,8 @@ def test_snapshot_is_json_round_trippable():
 
 EXEMPLAR_WORKER = """
 import sys, time
-from kserve_otel.series import REGISTRY
-from kserve_otel.series_files import SharedSeries
+from kserve_otel.recording.series import REGISTRY
+from kserve_otel.export.series_files import SharedSeries
 
 family = REGISTRY.histogram("request_predict", "d", "s", ("model_name",), bounds=[0.1, 1.0], exemplars=True)
 family.series("m").observe_exemplar(0.5, 0xABC, 0xDEF)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from kserve_otel import Settings, SettingsError
-from kserve_otel.annotations import parse_annotations, read_annotations
+from kserve_otel.config.annotations import parse_annotations, read_annotations
 from kserve_otel.names import KSERVE_BUCKETS
-from kserve_otel.problems import REPORTED_VARIABLE
-from kserve_otel.settings import SETTINGS_TABLE, settings_markdown
+from kserve_otel.config.problems import REPORTED_VARIABLE
+from kserve_otel.config.settings import SETTINGS_TABLE, settings_markdown
 
 
 @pytest.fixture(autouse=True)
@@ -139,7 +139,7 @@ def test_every_setting_has_a_kserve_otel_variable_and_a_field():
 
 def test_the_readme_settings_table_is_the_one_generated_from_the_table():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert settings_markdown() in readme, "README.md: paste the output of python -m kserve_otel.settings"
+    assert settings_markdown() in readme, "README.md: paste the output of python -m kserve_otel.config.settings"
     for spec in SETTINGS_TABLE:
         assert f"`{spec.env}`" in settings_markdown()
 

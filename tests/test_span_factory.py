@@ -1,4 +1,5 @@
-"""Step spans made from a template (kserve_otel.span_factory) are the spans the SDK's own Tracer.start_span makes."""
+"""Step spans made from a template (kserve_otel.spans.span_factory) are the spans the SDK's own
+Tracer.start_span makes."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-from kserve_otel import instrument_step, tracing
-from kserve_otel.span_factory import SpanFactory, SpanIds, span_factory, start_sampled_span, supports
+from kserve_otel import instrument_step
+from kserve_otel.spans import tracing
+from kserve_otel.spans.span_factory import SpanFactory, SpanIds, span_factory, start_sampled_span, supports
 
 ATTRIBUTES = {"model_name": "iris", "kserve.step": "predict", "long": "abcdefgh"}
 

@@ -1,9 +1,10 @@
 """The C extension and its pure-Python twin behave the same: every test runs against both.
 
-``kserve_otel.speedups`` uses the C classes when ``kserve_otel._speedups`` imports and the Python ones
-otherwise, so a user gets whichever the install produced. Only the tests here keep them interchangeable:
-bucket placement, snapshots, mirrors, exact counts under threads, and the HTTP request bookkeeping the ASGI
-middleware relies on. The project's set-up always builds the extension, so a missing one fails, never skips.
+``kserve_otel.recording.speedups`` uses the C classes when ``kserve_otel.recording._speedups`` imports and the
+Python ones otherwise, so a user gets whichever the install produced. Only the tests here keep them
+interchangeable: bucket placement, snapshots, mirrors, exact counts under threads, and the HTTP request
+bookkeeping the ASGI middleware relies on. The project's set-up always builds the extension, so a missing one
+fails, never skips.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
 from starlette.routing import Route as StarletteRoute
 
-from kserve_otel import propagation, speedups
+from kserve_otel.spans import propagation
+from kserve_otel.recording import speedups
 from kserve_otel.names import KSERVE_BUCKETS
-from kserve_otel.request_spans import KNOWN_METHODS, HTTPServerMetrics
-from kserve_otel.series import HistogramSeries
+from kserve_otel.request_path.request_spans import KNOWN_METHODS, HTTPServerMetrics
+from kserve_otel.recording.series import HistogramSeries
 
 BOUNDS = (0.1, 0.5, 1.0)
 EMPTY = ((0, 0, 0, 0), 0.0, math.inf, -math.inf, math.inf, -math.inf)  #: an empty histogram's snapshot
@@ -51,7 +53,7 @@ class Impl:
 def impl(request: pytest.FixtureRequest) -> Impl:
     """One implementation's classes; the C ones imported directly, so a missing extension is an error."""
     if request.param == "c":
-        from kserve_otel import _speedups
+        from kserve_otel.recording import _speedups
 
         return Impl(_speedups.Histogram, _speedups.HTTPRecorder, _speedups.Request, _speedups.Counter)
     return Impl(speedups.PyHistogram, speedups.PyHTTPRecorder, speedups.PyRequest, speedups.PyCounter)
@@ -162,7 +164,7 @@ def test_an_exception_from_the_mirror_propagates_after_the_value_is_counted(impl
 
 
 def test_both_implementations_give_identical_snapshots_for_the_same_values() -> None:
-    from kserve_otel import _speedups
+    from kserve_otel.recording import _speedups
 
     rng = random.Random(20240611)
     values = [rng.choice([rng.expovariate(4.0), rng.choice(KSERVE_BUCKETS), rng.uniform(-1.0, 20.0), 0.0])
@@ -235,12 +237,12 @@ def test_histogram_series_is_the_speedups_histogram_with_labels_and_start_time()
 
 def test_the_c_extension_is_in_use() -> None:
     assert speedups.IMPLEMENTATION == "c"
-    assert speedups.Histogram.__module__ == "kserve_otel._speedups"
+    assert speedups.Histogram.__module__ == "kserve_otel.recording._speedups"
 
 
 def test_kserve_otel_no_extension_selects_the_python_implementation() -> None:
     result = run_python("""
-        from kserve_otel import series, speedups
+        from kserve_otel.recording import series, speedups
         print(speedups.IMPLEMENTATION, issubclass(series.HistogramSeries, speedups.PyHistogram),
               speedups.HTTPRecorder is speedups.PyHTTPRecorder)
     """, env={"KSERVE_OTEL_NO_EXTENSION": "1"})

@@ -14,7 +14,7 @@ from opentelemetry.trace import StatusCode
 
 from kserve_otel import instrument_step
 from kserve_otel.names import ATTR_MODEL_NAME, ERRORS_INSTRUMENT, FIRST_ITEM_INSTRUMENT, step_instrument_name
-from kserve_otel.series import REGISTRY
+from kserve_otel.recording.series import REGISTRY
 
 
 def step_series(step: str, model: str):
@@ -474,7 +474,7 @@ def test_always_off_sampler_and_no_provider_record_metrics_only(model):
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from kserve_otel import tracing
+    from kserve_otel.spans import tracing
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=sampling.ALWAYS_OFF)
@@ -494,7 +494,7 @@ def test_ratio_sampler_goes_through_the_sdk(model):
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from kserve_otel import tracing
+    from kserve_otel.spans import tracing
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=sampling.TraceIdRatioBased(1.0))
@@ -508,15 +508,15 @@ def test_ratio_sampler_goes_through_the_sdk(model):
 
 
 def test_the_api_still_keeps_the_global_tracer_provider_where_tracing_reads_it():
-    """kserve_otel.tracing reads ``trace._TRACER_PROVIDER`` (to avoid an environment lookup per step) and the
-    current span under ``_SPAN_KEY`` of the runtime context's ContextVar (a lookup instead of four API calls):
-    if the OpenTelemetry API moves any of them, this fails."""
+    """kserve_otel.spans.tracing reads ``trace._TRACER_PROVIDER`` (to avoid an environment lookup per step)
+    and the current span under ``_SPAN_KEY`` of the runtime context's ContextVar (a lookup instead of four API
+    calls): if the OpenTelemetry API moves any of them, this fails."""
     from conftest import run_python
 
     result = run_python("""
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
-        from kserve_otel import tracing
+        from kserve_otel.spans import tracing
         assert isinstance(tracing.current_provider(), trace.ProxyTracerProvider)
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
@@ -559,9 +559,9 @@ def test_past_the_series_cap_nothing_more_is_kept_per_model_name_and_totals_stay
     """Issue 13 (5): 100k model names past the cap held 105,000 cached entries (+156 MB) for 2,001 series."""
     import tracemalloc
 
-    from kserve_otel import steps
-    from kserve_otel.series import CARDINALITY_LIMIT
-    from kserve_otel.tracing import set_tracer_provider
+    from kserve_otel.request_path import steps
+    from kserve_otel.recording.series import CARDINALITY_LIMIT
+    from kserve_otel.spans.tracing import set_tracer_provider
 
     step = f"cap_{uuid.uuid4().hex[:10]}"  # a family of its own: other tests' step families stay below the cap
     Model = _capped_model(step)
@@ -599,7 +599,7 @@ def test_past_the_series_cap_nothing_more_is_kept_per_model_name_and_totals_stay
 def test_a_model_past_the_cap_keeps_its_name_on_spans_and_is_recorded_once_when_nested(spans):
     """Spans are not metrics: a step span of a model past the cap still names the model. A subclass calling
     ``super().predict()`` (both instrumented) is recorded once there too, as below the cap."""
-    from kserve_otel.series import CARDINALITY_LIMIT
+    from kserve_otel.recording.series import CARDINALITY_LIMIT
 
     step = f"cap_{uuid.uuid4().hex[:10]}"
     Base = _capped_model(step)

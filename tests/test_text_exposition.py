@@ -1,10 +1,10 @@
-"""The direct writer of the scrape path (kserve_otel.text_exposition) against the path it replaces.
+"""The direct writer of the scrape path (kserve_otel.export.text_exposition) against the path it replaces.
 
 "The current path" is prometheus_client's own encoder over the registry of a bridged OpenTelemetry
 ``PrometheusMetricReader`` (series -> OpenTelemetry data -> the reader's metric families -> encoder), which is
-what ``generate_latest(registry)`` still runs outside :func:`kserve_otel.exposition.render`. Every test builds
-real series registries, readers and meter providers of its own (no global state, no live process metrics),
-renders both ways and compares the parsed families, and the bytes.
+what ``generate_latest(registry)`` still runs outside :func:`kserve_otel.export.exposition.render`. Every test
+builds real series registries, readers and meter providers of its own (no global state, no live process
+metrics), renders both ways and compares the parsed families, and the bytes.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from kserve_otel import exposition, text_exposition
-from kserve_otel.exposition import MergedCollector, MetricsServer, render
-from kserve_otel.metrics_bridge import bridge_of, bridge_reader
+from kserve_otel.export import exposition, text_exposition
+from kserve_otel.export.exposition import MergedCollector, MetricsServer, render
+from kserve_otel.export.metrics_bridge import bridge_of, bridge_reader
 from kserve_otel.names import KSERVE_BUCKETS
-from kserve_otel.series import CARDINALITY_LIMIT, SeriesRegistry
-from kserve_otel.series_files import SharedSeries, create_directory
-from kserve_otel.snapshots import snapshot_registry
+from kserve_otel.recording.series import CARDINALITY_LIMIT, SeriesRegistry
+from kserve_otel.export.series_files import SharedSeries, create_directory
+from kserve_otel.export.snapshots import snapshot_registry
 
 PROMTOOL = shutil.which("promtool")
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -268,8 +268,8 @@ def test_writer_alone_from_a_snapshot(stack):
 
 WORKER = """
 import sys
-from kserve_otel.series import REGISTRY
-from kserve_otel.series_files import SharedSeries
+from kserve_otel.recording.series import REGISTRY
+from kserve_otel.export.series_files import SharedSeries
 predict = REGISTRY.histogram("request_predict", "Duration of the predict step", "s", ["model_name"])
 for name in ("shared", 'worker "only"'):
     predict.series(name).observe(0.3)

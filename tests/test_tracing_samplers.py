@@ -33,9 +33,10 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 from opentelemetry.util import _importlib_metadata
 from otlp_receiver import OTLPReceiver
 
-from kserve_otel import instrument_step, tracing
+from kserve_otel import instrument_step
+from kserve_otel.spans import tracing
 from kserve_otel.names import ATTR_MODEL_NAME, ATTR_STEP
-from kserve_otel.settings import Settings
+from kserve_otel.config.settings import Settings
 from kserve_otel.telemetry import _sampler as configure_sampler
 
 SIX = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",

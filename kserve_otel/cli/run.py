@@ -19,7 +19,7 @@ from typing import Any
 EXIT_USAGE = 2
 
 #: Settings the command takes as options; each option is named after its variable (``KSERVE_OTEL_METRICS_PORT``:
-#: ``--metrics-port``) and documented by its row of :data:`kserve_otel.settings.SETTINGS_TABLE`.
+#: ``--metrics-port``) and documented by its row of :data:`kserve_otel.config.settings.SETTINGS_TABLE`.
 SETTINGS_AS_OPTIONS = ("metrics_port", "metrics_path", "metrics_exporters", "traces_exporter", "traces_sampler",
                        "traces_sampler_arg", "service_name")
 #: What the command adds to a setting's documentation.
@@ -28,7 +28,7 @@ _NOTES = {"metrics_port": "Unset, the endpoint is on the HTTP port (or the annot
 
 def _setting_options() -> list[tuple[str, str, str, str]]:
     """(option, setting name, KSERVE_OTEL_* variable, help) of each setting the command takes."""
-    from ..settings import SETTINGS_TABLE, shown_default
+    from ..config.settings import SETTINGS_TABLE, shown_default
 
     specs = {spec.name: spec for spec in SETTINGS_TABLE}
     options = []
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not arguments.target:
         return _fail("nothing to run: give MODULE:ATTR, or -- COMMAND (see --help)")
 
-    from ..settings import Settings, SettingsError
+    from ..config.settings import Settings, SettingsError
     from .serve import ServeOptions, serve
     from .targets import TargetError, load
 

@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ..settings import Settings
+from ..config.settings import Settings
 from .targets import Target, TargetError
 
 

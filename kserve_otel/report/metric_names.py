@@ -4,7 +4,7 @@ Why in one place: the two sources of numbers (two scrapes, or PromQL) must agree
 (any ``request_<step>_seconds`` histogram whose series have a ``model_name`` label and no ``step`` label),
 which requests are inference requests (POSTs), and where CPU, memory, GPU and queue wait come from
 (prometheus_client's process collector on KServe endpoints, else OpenTelemetry's system metrics; the GPU
-gauges of :mod:`kserve_otel.resource_metrics`; kserve-otel's or Ray Serve's batch wait).
+gauges of :mod:`kserve_otel.export.resource_metrics`; kserve-otel's or Ray Serve's batch wait).
 
 kserve-otel's own families carry a prefix where Ray exports them: a Ray Serve replica forwards them into Ray's
 metrics, which each node's endpoint serves as ``ray_request_predict_seconds`` and so on. A source uses the
@@ -45,7 +45,8 @@ RAY_SERVE_BATCH_WAIT_METRIC = "ray_serve_batch_wait_time_ms"
 CPU_METRICS = ("process_cpu_seconds_total", "process_cpu_time_seconds_total")
 #: Resident memory gauges, in the same order.
 MEMORY_METRICS = ("process_resident_memory_bytes", "process_memory_usage_bytes")
-#: The GPU gauges of kserve_otel.resource_metrics, with the attribute of :class:`~.window.Gpu` each fills.
+#: The GPU gauges of kserve_otel.export.resource_metrics, with the attribute of :class:`~.window.Gpu` each
+#: fills.
 GPU_GAUGES = (("gpu_memory_used_bytes", "memory_used_bytes"), ("gpu_memory_total_bytes", "memory_total_bytes"),
               ("gpu_utilization_ratio", "utilization_ratio"))
 GPU_INDEX, GPU_UUID = "gpu_index", "gpu_uuid"

@@ -23,14 +23,15 @@ What every HTTP request then gets:
 How it is built, and why
 ------------------------
 
-Every request takes the package's one request path, :func:`kserve_otel.request_spans.request_path` (KServe's
-REST app takes it too): the per-request bookkeeping (requests in flight, the clock, the scan for trace
-headers, the status seen by ``send``, the duration's series) is :class:`kserve_otel.speedups.HTTPRecorder`, in
-C when the optional extension is built, and a request whose span may be recorded gets the package's SERVER
-span, with OpenTelemetry's stable HTTP semantic conventions, the exact sampler decision and the duration's
-exemplar. Requests whose span would not be recorded (no tracer provider, ``always_off``, or a parent-based
-sampler with an unsampled parent) only make the incoming context current. HTTP metrics are this package's
-own for every request (one series increment each, instead of the SDK's record path, which costs 9-15 µs).
+Every request takes the package's one request path,
+:func:`kserve_otel.request_path.request_spans.request_path` (KServe's REST app takes it too): the per-request
+bookkeeping (requests in flight, the clock, the scan for trace headers, the status seen by ``send``, the
+duration's series) is :class:`kserve_otel.recording.speedups.HTTPRecorder`, in C when the optional extension
+is built, and a request whose span may be recorded gets the package's SERVER span, with OpenTelemetry's stable
+HTTP semantic conventions, the exact sampler decision and the duration's exemplar. Requests whose span would
+not be recorded (no tracer provider, ``always_off``, or a parent-based sampler with an unsampled parent) only
+make the incoming context current. HTTP metrics are this package's own for every request (one series increment
+each, instead of the SDK's record path, which costs 9-15 µs).
 
 opentelemetry-instrumentation-asgi's ``OpenTelemetryMiddleware`` makes the recorded spans instead when its
 features are asked for: its hooks (``server_request_hook``, ``client_request_hook``, ``client_response_hook``)
@@ -60,10 +61,12 @@ from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.util.http import ExcludeList, get_excluded_urls, parse_excluded_urls
 
-from ... import tracing
-from ...exposition import ASGIApp, Message, MetricsMiddleware, Receive, Scope, Send
-from ...request_spans import ATTR_HTTP_ROUTE, HTTPServerMetrics, method_of, request_path, route_of
-from ...settings import Settings
+from ...spans import tracing
+from ...export.exposition import ASGIApp, Message, MetricsMiddleware, Receive, Scope, Send
+from ...request_path.request_spans import (
+    ATTR_HTTP_ROUTE, HTTPServerMetrics, method_of, request_path, route_of,
+)
+from ...config.settings import Settings
 from ...telemetry import configure, get_telemetry, served_collector
 from ..fastapi_telemetry import quiet_fastapi_telemetry
 
@@ -152,8 +155,8 @@ class TelemetryMiddleware:
         await self.asgi(scope, receive, send)
 
     def _build_asgi(self) -> ASGIApp:
-        # The one request path (kserve_otel.request_spans.request_path), KServe's REST app's too; contrib's
-        # middleware makes the recorded spans only for users of its hooks or header capture.
+        # The one request path (kserve_otel.request_path.request_spans.request_path), KServe's REST app's too;
+        # contrib's middleware makes the recorded spans only for users of its hooks or header capture.
         asgi = request_path(
             self.app, self.metrics, skip=self._excluded if self._exclusions else None, endpoint=self._endpoint,
             endpoint_path=self._metrics_path, recorded=self._contrib_middleware if self.uses_contrib else None)

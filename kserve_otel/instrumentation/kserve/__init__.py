@@ -50,7 +50,7 @@ from typing import Any
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
 from ... import telemetry as telemetry_module
-from ...settings import Settings
+from ...config.settings import Settings
 from . import clients, latency_log
 from .models import ModelPatcher
 from .package import _instruments

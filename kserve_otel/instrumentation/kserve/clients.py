@@ -14,7 +14,7 @@ from typing import Any
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
-from ... import propagation
+from ...spans import propagation
 
 #: (class in ``kserve.inference_client``, method) pairs whose ``headers`` argument gets the trace context.
 TARGETS = (

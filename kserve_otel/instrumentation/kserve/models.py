@@ -19,8 +19,8 @@ import contextlib
 import logging
 from typing import Any
 
-from ...exposition import GLOBAL_REGISTRY_WINS
-from ...steps import STEP_ATTRIBUTE, instrument_step
+from ...export.exposition import GLOBAL_REGISTRY_WINS
+from ...request_path.steps import STEP_ATTRIBUTE, instrument_step
 
 _logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@
   KServe's restored histograms; ``instrument()`` switches everything on again.
 * ``workers > 1``: KServe spawns worker processes that unpickle the data plane. A small object pickled with it
   instruments each worker as it arrives there, with the parent's settings, and every process (the parent
-  serves gRPC) keeps its series in a shared file (:class:`~kserve_otel.series_files.SharedSeries`): whichever
-  process a scrape reaches answers with the sum over all of them, dead or alive, so the scraped counts equal the
-  requests served and never go back when a worker dies or stalls (kserve#2979).
+  serves gRPC) keeps its series in a shared file (:class:`~kserve_otel.export.series_files.SharedSeries`):
+  whichever process a scrape reaches answers with the sum over all of them, dead or alive, so the scraped
+  counts equal the requests served and never go back when a worker dies or stalls (kserve#2979).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import Span
 from wrapt import wrap_function_wrapper
 
-from ... import propagation, tracing
-from ...exposition import ASGIApp, MetricsMiddleware, Receive, Scope, Send
+from ...spans import propagation, tracing
+from ...export.exposition import ASGIApp, MetricsMiddleware, Receive, Scope, Send
 from ...names import ATTR_MODEL_NAME
-from ...request_spans import request_path
-from ...settings import Settings, SettingsError
+from ...request_path.request_spans import request_path
+from ...config.settings import Settings, SettingsError
 from ...telemetry import Telemetry, configure, get_telemetry, served_collector
 from ..fastapi_telemetry import quiet_fastapi_telemetry
 
@@ -136,7 +136,7 @@ class ServerHooks:
             fallback = f"the model server's port {server.http_port}"
             self.mount_endpoint = not telemetry.start_endpoint(include_global_registry=True, fallback=fallback)
         if server.workers > 1:
-            from ...series_files import SharedSeries, create_directory
+            from ...export.series_files import SharedSeries, create_directory
 
             directory = create_directory()
             atexit.register(shutil.rmtree, directory, ignore_errors=True)
@@ -257,7 +257,7 @@ class WorkerSetup:
 def _set_up_worker(settings: Settings, directory: str, mount_endpoint: bool) -> WorkerSetup:
     """Runs in a worker process while it unpickles the data plane, before it builds its REST app."""
     try:
-        from ...series_files import DirectoryRefused, SharedSeries
+        from ...export.series_files import DirectoryRefused, SharedSeries
         from . import KServeInstrumentor
 
         instrumentor = KServeInstrumentor()

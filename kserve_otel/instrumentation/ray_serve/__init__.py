@@ -43,7 +43,7 @@ from typing import Any
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
-from ...settings import Settings
+from ...config.settings import Settings
 from .deployments import deployments_of, with_environment
 from .package import _instruments
 from .replica import ReplicaHooks

@@ -5,7 +5,8 @@ and no ``RayServeInstrumentor().instrument()``. The replica runs the decorated s
 own registry, which nothing in that process exports (``configure()`` ran in the driver, a process the steps
 never run in): every step count would be lost, silently.
 
-The step wrappers arrive in the replica with the deployment's pickled class, and ``kserve_otel.steps`` calls
+The step wrappers arrive in the replica with the deployment's pickled class, and
+``kserve_otel.request_path.steps`` calls
 :func:`adopt_unpickled_steps` when it rebuilds them in a process where ``ray.serve`` is imported. Unless Ray
 Serve's instrumentation is on in that process (it then sets the replica up itself, settings and all) or the
 process configured kserve-otel, a mirror factory is installed that decides at the first step series created:
@@ -22,7 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ...series import Family, set_mirror_factory
+from ...recording.series import Family, set_mirror_factory
 from ...telemetry import get_telemetry
 from .ray_metrics import mirror_into_ray
 

@@ -24,7 +24,7 @@ from time import perf_counter
 from typing import Any
 
 from ...names import BATCH_WAIT_INSTRUMENT, LABEL_MODEL_NAME, LABEL_STEP, UNIT_SECONDS
-from ...series import REGISTRY
+from ...recording.series import REGISTRY
 
 BATCH_SIZE_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
 _LABELS = (LABEL_MODEL_NAME, LABEL_STEP)

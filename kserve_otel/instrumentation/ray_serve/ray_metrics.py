@@ -14,7 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ...series import CounterFamily, HistogramFamily, UpDownCounterFamily, Family, set_mirror_factory
+from ...recording.series import (
+    CounterFamily, HistogramFamily, UpDownCounterFamily, Family, set_mirror_factory,
+)
 
 _lock = threading.Lock()
 _metrics: dict[str, Any] = {}  # family name -> the Ray metric it is mirrored into

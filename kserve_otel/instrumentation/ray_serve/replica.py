@@ -26,10 +26,10 @@ import os
 import sys
 from typing import Any
 
-from ... import propagation
+from ...spans import propagation
 from ...names import STEP_NAME_PATTERN
-from ...settings import Settings
-from ...steps import STEP_ATTRIBUTE, wrap_step
+from ...config.settings import Settings
+from ...request_path.steps import STEP_ATTRIBUTE, wrap_step
 from ...telemetry import configure, get_telemetry
 from .batching import instrument_batch, keep_serve_method_check, lazy_queue_of
 

@@ -1,5 +1,6 @@
-/* kserve_otel._otlp: SDK spans to OTLP protobuf bytes in C (optional; kserve_otel/otlp_encoding.py has the same
- * function in pure Python and is used whenever this extension is not built).
+/* kserve_otel.export._otlp: SDK spans to OTLP protobuf bytes in C (optional;
+ * kserve_otel/export/otlp_encoding.py has the same function in pure Python and is used whenever this
+ * extension is not built).
  *
  * Why C: a KServe server tracing every request (always_on sampler, OTLP/HTTP export) lost a third of its
  * throughput, and py-spy put about 15 % of all samples in the BatchSpanProcessor's thread, in the SDK's
@@ -10,7 +11,8 @@
  *
  * What it writes is what the SDK's encoder builds (opentelemetry.exporter.otlp.proto.common 1.45), in field-
  * number order as protobuf serialises it, so the bytes are those of encode_spans(spans).SerializeToString():
- * kserve_otel/otlp_encoding.py's docstring lists the rules, tests/test_otlp_encoding.py checks both versions.
+ * kserve_otel/export/otlp_encoding.py's docstring lists the rules, tests/test_otlp_encoding.py checks both
+ * versions.
  *
  * Nested messages are written in place: a field's tag, room for the length varint it will probably need, the
  * message, then the length, moving the message when its varint turned out shorter or longer than the room.
@@ -25,7 +27,7 @@
 #include <string.h>
 
 #ifdef Py_GIL_DISABLED
-#error "kserve_otel._otlp relies on the GIL; the pure-Python kserve_otel.otlp_encoding is used instead"
+#error "kserve_otel.export._otlp relies on the GIL; the pure-Python otlp_encoding is used instead"
 #endif
 
 #define HAS_IS_REMOTE 0x100 /* SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK */
@@ -40,7 +42,7 @@ static PyObject *s_name, *s_context, *s_trace_id, *s_span_id, *s_trace_state, *s
     *s_log_format, *s__attributes, *s__events, *s__links, *s__dict, *s__dq;
 
 /* Looked up at the first call: SpanKind's members (kind i is wire value i + 1), StatusCode's (value i), the
- * Sequence and Mapping ABCs, and the logger of kserve_otel.otlp_encoding. */
+ * Sequence and Mapping ABCs, and the logger of kserve_otel.export.otlp_encoding. */
 static PyObject *span_kinds[5], *status_codes[3], *abc_sequence, *abc_mapping, *logger;
 
 /* The SDK classes whose private fields are read directly, past their properties (which copy: a
@@ -81,7 +83,7 @@ lookup_constants(void)
         (sequence = PyObject_GetAttrString(abc, "Sequence")) == NULL ||
         (mapping = PyObject_GetAttrString(abc, "Mapping")) == NULL ||
         (logging = PyImport_ImportModule("logging")) == NULL ||
-        (found = PyObject_CallMethod(logging, "getLogger", "s", "kserve_otel.otlp_encoding")) == NULL)
+        (found = PyObject_CallMethod(logging, "getLogger", "s", "kserve_otel.export.otlp_encoding")) == NULL)
         goto done;
     for (int i = 0; i < 5; i++)
         if ((kinds_found[i] = PyObject_GetAttrString(kind, kinds[i])) == NULL)
@@ -1130,8 +1132,8 @@ static PyMethodDef otlp_methods[] = {
 };
 
 static struct PyModuleDef otlp_module = {
-    PyModuleDef_HEAD_INIT, "kserve_otel._otlp",
-    "SDK spans to OTLP protobuf bytes in C; kserve_otel.otlp_encoding chooses it or its pure-Python twin.", -1,
+    PyModuleDef_HEAD_INIT, "kserve_otel.export._otlp",
+    "SDK spans to OTLP protobuf bytes in C; kserve_otel.export.otlp_encoding chooses it or its pure-Python twin.", -1,
     otlp_methods, NULL, NULL, NULL, NULL,
 };
 

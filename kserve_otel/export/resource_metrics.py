@@ -34,7 +34,7 @@ from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from ._version import __version__
+from .._version import __version__
 
 _logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ PROCESS_METRICS: dict[str, list[str] | None] = {
 }
 
 #: Instrument scope of the GPU instruments.
-GPU_SCOPE = "kserve_otel.resource_metrics"
+GPU_SCOPE = "kserve_otel.resource_metrics"  # a scope name on the wire: stable
 LABEL_GPU_INDEX, LABEL_GPU_UUID = "gpu_index", "gpu_uuid"
 
 

@@ -10,8 +10,8 @@ decision itself, then makes only what the SDK would have made:
   ``trace_id & 0xFFFFFFFFFFFFFFFF < bound``. Each case reduces to a bound (never: 0, always: 2**64, a ratio: the
   sampler's own ``bound``), read once per provider; the decision is one comparison of the trace id, which for
   a root is drawn first from the tracer's id generator, as ``Tracer.start_span`` draws it.
-* Sampled: the span is made with that trace id by :mod:`kserve_otel.span_factory` (a step's template, or the
-  SDK's own span class for a request span), half the SDK's cost.
+* Sampled: the span is made with that trace id by :mod:`kserve_otel.spans.span_factory` (a step's template, or
+  the SDK's own span class for a request span), half the SDK's cost.
 * Dropped under an unsampled parent: nothing is made and the parent stays current, where that changes no
   later decision (spans inside would be dropped under the SDK's non-recording span too) nor what outgoing
   calls carry (the flag is off either way). That is the commonest case, a parent-based sampler under an
@@ -44,8 +44,8 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, Sta
 from opentelemetry.trace.propagation import _SPAN_KEY
 
 from . import span_factory as _factory
-from ._version import __version__
-from .names import ATTR_ERROR_TYPE, SCOPE_NAME
+from .._version import __version__
+from ..names import ATTR_ERROR_TYPE, SCOPE_NAME
 
 #: Modes of a provider: nothing is ever recorded (no SDK provider); the SDK decides (``tracer.start_span``);
 #: decided here.

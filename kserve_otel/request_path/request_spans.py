@@ -8,7 +8,7 @@ SERVER span following OpenTelemetry's HTTP semantic conventions, and make it cur
 the request becomes its child. When the span would not be sampled (or no tracer provider is installed) it
 starts no span at all, but still makes the incoming context current so the trace id reaches steps, outgoing
 calls and log lines. The bookkeeping of every request (in flight, clock, trace-header scan, status, duration)
-is :class:`kserve_otel.speedups.HTTPRecorder`, in C where the extension is built.
+is :class:`kserve_otel.recording.speedups.HTTPRecorder`, in C where the extension is built.
 
 The span is named ``"<METHOD> <route template>"`` (``POST /v1/models/{model_name}:predict``), never the raw
 path, and the duration histogram is labelled by that template: span names and series stay few. Requests in
@@ -24,12 +24,13 @@ from typing import Any
 from opentelemetry import context as context_api
 from opentelemetry.trace import Span, Status, StatusCode
 
-from . import exemplars, propagation, tracing
-from .exposition import ASGIApp, Receive, Scope, Send
-from .names import ACTIVE_REQUESTS_INSTRUMENT, KSERVE_BUCKETS, REQUEST_DURATION_INSTRUMENT, UNIT_SECONDS
-from .series import REGISTRY as SERIES
-from .series import UpDownCounterSeries
-from .speedups import HTTPRecorder
+from ..recording import exemplars
+from ..spans import propagation, tracing
+from ..export.exposition import ASGIApp, Receive, Scope, Send
+from ..names import ACTIVE_REQUESTS_INSTRUMENT, KSERVE_BUCKETS, REQUEST_DURATION_INSTRUMENT, UNIT_SECONDS
+from ..recording.series import REGISTRY as SERIES
+from ..recording.series import UpDownCounterSeries
+from ..recording.speedups import HTTPRecorder
 
 #: OpenTelemetry's HTTP server metrics (Prometheus: ``http_server_active_requests``,
 #: ``http_server_request_duration_seconds``) and their attributes (labels ``http_request_method``...).
@@ -49,12 +50,12 @@ ScopeAttributes = Callable[[Span, Scope], None]
 class HTTPServerMetrics:
     """Requests in flight and request durations, by method (and route template and status for durations).
 
-    The interface :class:`kserve_otel.speedups.HTTPRecorder` (C and Python alike) records through, and so what any
-    object handed to it as ``metrics`` must offer: the dicts ``active_series`` (method -> a series with
-    ``increment()`` and ``decrement()``) and ``duration_series`` (``(method, route template, status)`` -> a
-    series with ``observe(seconds)``), read without a lock on every request, and on a miss the methods
-    ``active(method)`` and ``duration(method, route, status)``, which return the series and may fill the dicts;
-    and for a request given a recording span, ``observe_traced(series, seconds, span)``.
+    The interface :class:`kserve_otel.recording.speedups.HTTPRecorder` (C and Python alike) records through,
+    and so what any object handed to it as ``metrics`` must offer: the dicts ``active_series`` (method -> a
+    series with ``increment()`` and ``decrement()``) and ``duration_series`` (``(method, route template,
+    status)`` -> a series with ``observe(seconds)``), read without a lock on every request, and on a miss the
+    methods ``active(method)`` and ``duration(method, route, status)``, which return the series and may fill
+    the dicts; and for a request given a recording span, ``observe_traced(series, seconds, span)``.
     ``tests/test_speedups.py`` runs both recorders against this class."""
 
     def __init__(self) -> None:
@@ -112,13 +113,14 @@ def request_path(
 ) -> ASGIApp:
     """``app`` with every HTTP request recorded: the one request path of KServe's REST app and of any ASGI app.
 
-    Per request: :class:`kserve_otel.speedups.HTTPRecorder` (C when built) counts it in flight, starts its
-    clock, scans its headers for trace fields and, as the app's ``send``, notes the status and observes the
-    duration (by method, route template and status) when the last body message goes out. When a span may be
-    recorded, a SERVER span continues the incoming trace (:func:`kserve_otel.tracing.start_server_span`, which
-    decides exactly as the configured sampler), is current while the app runs, and is the exemplar of its
-    duration; ``on_end(span, scope)`` adds a framework's attributes. Otherwise the incoming context alone is
-    made current, so the trace id still reaches steps, outgoing calls and logs.
+    Per request: :class:`kserve_otel.recording.speedups.HTTPRecorder` (C when built) counts it in flight,
+    starts its clock, scans its headers for trace fields and, as the app's ``send``, notes the status and
+    observes the duration (by method, route template and status) when the last body message goes out. When a
+    span may be recorded, a SERVER span continues the incoming trace
+    (:func:`kserve_otel.spans.tracing.start_server_span`, which decides exactly as the configured sampler), is
+    current while the app runs, and is the exemplar of its duration; ``on_end(span, scope)`` adds a
+    framework's attributes. Otherwise the incoming context alone is made current, so the trace id still
+    reaches steps, outgoing calls and logs.
 
     Args:
         app: the ASGI application.

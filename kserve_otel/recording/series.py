@@ -5,9 +5,9 @@ Why not the SDK's ``Histogram.record()``? Measured on the project's 2-core machi
 one storage per reader), while KServe's own prometheus_client ``labels(...).time()`` costs 2.5-6 µs. An
 instrumented step must cost less than what KServe users pay today, so observations land here instead: one
 ``bisect`` and a few increments (in C, atomic under the GIL, when the optional extension is built; else under a
-per-series lock: see :mod:`kserve_otel.speedups`). :mod:`kserve_otel.metrics_bridge` turns these
-counters into ordinary OpenTelemetry ``Histogram`` and ``Sum`` data at collection time, so every SDK reader and
-exporter (Prometheus, OTLP, console, in-memory) receives real OpenTelemetry metrics.
+per-series lock: see :mod:`kserve_otel.recording.speedups`). :mod:`kserve_otel.export.metrics_bridge` turns
+these counters into ordinary OpenTelemetry ``Histogram`` and ``Sum`` data at collection time, so every SDK
+reader and exporter (Prometheus, OTLP, console, in-memory) receives real OpenTelemetry metrics.
 
 Series are process-global and cumulative from their creation; they live as long as the process, so the memory
 they take is fixed by the number of (model, step) pairs, never by the number of calls.
@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from time import time_ns
 
-from .names import KSERVE_BUCKETS
+from ..names import KSERVE_BUCKETS
 from .speedups import Counter, Histogram
 
 #: Series per family before new label sets share one overflow series (the SDK's default limit too).
@@ -29,7 +29,8 @@ OVERFLOW_ATTRIBUTES = {"otel.metric.overflow": True}
 
 class HistogramSeries(Histogram):
     """Cumulative explicit-bucket histogram of one label set. ``observe`` is the hot path: a
-    :class:`kserve_otel.speedups.Histogram` (C when the extension is built) with the series' labels and start time.
+    :class:`kserve_otel.recording.speedups.Histogram` (C when the extension is built) with the series' labels
+    and start time.
     """
 
     __slots__ = ("attributes", "start_time_ns")
@@ -43,7 +44,8 @@ class HistogramSeries(Histogram):
 
 class CounterSeries(Counter):
     """Cumulative counter of one label set (monotonic unless its family is an up-down counter): a
-    :class:`kserve_otel.speedups.Counter` (C when the extension is built) with the series' labels and start time."""
+    :class:`kserve_otel.recording.speedups.Counter` (C when the extension is built) with the series' labels
+    and start time."""
 
     __slots__ = ("attributes", "start_time_ns")
 
@@ -237,8 +239,8 @@ class SeriesRegistry:
 
     def place_series(self, place: Callable[[Family, object], None] | None) -> None:
         """Call ``place(family, series)`` for every series of every family now and for every new one from now
-        on, while its family's lock is held: how a :class:`kserve_otel.series_files.SeriesFile` moves the cells
-        into memory other processes read. ``None`` stops the calls."""
+        on, while its family's lock is held: how a :class:`kserve_otel.export.series_files.SeriesFile` moves
+        the cells into memory other processes read. ``None`` stops the calls."""
         with self._lock:
             self._place = place
             for family in self._families.values():

@@ -1,5 +1,5 @@
 """SDK spans to OTLP protobuf bytes (an ``ExportTraceServiceRequest``), in C when the optional extension
-``kserve_otel._otlp`` is built, else in pure Python: the same function, the same bytes.
+``kserve_otel.export._otlp`` is built, else in pure Python: the same function, the same bytes.
 
 Why: a KServe server tracing every request (``OTEL_TRACES_SAMPLER=always_on``, OTLP/HTTP export) lost a third
 of its throughput, and py-spy put about 15 % of all samples in the ``BatchSpanProcessor``'s thread, in the
@@ -30,7 +30,7 @@ field, in field-number order as protobuf serialises it, so the bytes are those o
   timestamp, a name that is not a string) raises, as the SDK does; the exporter then reports a failure.
 
 :data:`IMPLEMENTATION` says which version :func:`encode_spans` is; ``KSERVE_OTEL_NO_EXTENSION=1`` (read once,
-at import) forces the pure-Python one (:func:`py_encode_spans`), as for :mod:`kserve_otel.speedups`.
+at import) forces the pure-Python one (:func:`py_encode_spans`), as for :mod:`kserve_otel.recording.speedups`.
 """
 
 from __future__ import annotations

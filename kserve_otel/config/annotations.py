@@ -10,7 +10,7 @@ no device is ever opened, and with ``fstat`` after, against a swap in between), 
 at most :data:`MAX_ANNOTATIONS_BYTES` are read (Kubernetes caps a pod's annotations at 256 KiB). Symbolic links
 are followed: the downward API itself publishes the file through links (``annotations -> ..data/annotations``).
 A file that cannot be used counts as no annotations, and its problem is reported once per process tree
-(:mod:`kserve_otel.problems`).
+(:mod:`kserve_otel.config.problems`).
 """
 
 from __future__ import annotations

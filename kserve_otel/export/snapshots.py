@@ -1,16 +1,16 @@
 """Series as plain data: the cumulative state of a registry, or of another process's series file, and their sum.
 
 Why it exists: a scrape of one process of a multi-process server answers for all of them
-(:mod:`kserve_otel.series_files`). Each process's series become a *snapshot* (a list of families, JSON-able
-dicts) and the snapshots are added up here; :mod:`kserve_otel.metrics_bridge` turns the sum into OpenTelemetry
-metric data. A family is ``{"name", "kind", "description", "unit", "label_names", "series"}`` (histograms add
-``"bounds"``, and ``"exemplars": true`` when its series keep exemplars); a histogram series is
-``{"attributes", "start", "counts", "sum", "min", "max"}`` (min and max ``None`` when nothing was observed),
-with ``"exemplars"`` when it has any: per bucket ``None`` or ``[value, unix time, trace id, span id]`` (the ids
-as 32 and 16 lower-case hex digits), and with ``"native"`` when its family keeps native histograms
-(``"native": true`` on the family): ``{"schema", "zero_threshold", "zero_count", "offset", "counts"}``, the bucket
-counts from key ``offset``; a counter's is ``{"attributes", "start", "value"}``. Summing keeps the latest
-exemplar of each bucket, and adds native histograms at the lower of their schemas.
+(:mod:`kserve_otel.export.series_files`). Each process's series become a *snapshot* (a list of families,
+JSON-able dicts) and the snapshots are added up here; :mod:`kserve_otel.export.metrics_bridge` turns the sum
+into OpenTelemetry metric data. A family is ``{"name", "kind", "description", "unit", "label_names",
+"series"}`` (histograms add ``"bounds"``, and ``"exemplars": true`` when its series keep exemplars); a
+histogram series is ``{"attributes", "start", "counts", "sum", "min", "max"}`` (min and max ``None`` when
+nothing was observed), with ``"exemplars"`` when it has any: per bucket ``None`` or ``[value, unix time, trace
+id, span id]`` (the ids as 32 and 16 lower-case hex digits), and with ``"native"`` when its family keeps
+native histograms (``"native": true`` on the family): ``{"schema", "zero_threshold", "zero_count", "offset",
+"counts"}``, the bucket counts from key ``offset``; a counter's is ``{"attributes", "start", "value"}``.
+Summing keeps the latest exemplar of each bucket, and adds native histograms at the lower of their schemas.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from .series import CounterFamily, HistogramFamily, SeriesRegistry
-from .speedups import native_reduce
+from ..recording.series import CounterFamily, HistogramFamily, SeriesRegistry
+from ..recording.speedups import native_reduce
 
 logger = logging.getLogger(__name__)
 

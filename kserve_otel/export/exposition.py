@@ -2,7 +2,7 @@
 
 One core, thin adapters (as prometheus_client does it): :func:`render` turns a registry into a response
 (Prometheus text or OpenMetrics by the ``Accept`` header, gzip when asked; this package's series written by
-:mod:`kserve_otel.text_exposition`, every other family by prometheus_client's own encoders);
+:mod:`kserve_otel.export.text_exposition`, every other family by prometheus_client's own encoders);
 :class:`MetricsServer` serves it from one daemon thread's event loop, with bounded connections, threads and
 timeouts (it shares a process with the model server), :class:`MetricsMiddleware` from an existing ASGI app on
 the app's own port. Both answer only the configured path (404 elsewhere, for the
@@ -76,12 +76,12 @@ def _encode(registry: Collector, encoder: Callable[[Collector], bytes]) -> bytes
     """What ``encoder(registry)`` writes, with this package's series written from their snapshot instead.
 
     Each collector (each of a :class:`MergedCollector`'s, in order) is collected while
-    :func:`~kserve_otel.metrics_bridge.capturing_series` is active: a bridged Prometheus reader in it then
-    hands over its series as a snapshot, and its other families (``target_info``, the SDK's metrics) come back
-    as prometheus_client families. Those go through ``encoder``, the series through
-    :func:`kserve_otel.text_exposition.write` right after them (where the reader would have put them), with
-    :class:`MergedCollector`'s rule of one family per name. Formats the writer does not write (name escapings
-    other than underscores and UTF-8) go through ``encoder`` whole.
+    :func:`~kserve_otel.export.metrics_bridge.capturing_series` is active: a bridged Prometheus reader in it
+    then hands over its series as a snapshot, and its other families (``target_info``, the SDK's metrics) come
+    back as prometheus_client families. Those go through ``encoder``, the series through
+    :func:`kserve_otel.export.text_exposition.write` right after them (where the reader would have put
+    them), with :class:`MergedCollector`'s rule of one family per name. Formats the writer does not write
+    (name escapings other than underscores and UTF-8) go through ``encoder`` whole.
     """
     protobuf = encoder is _PROTOBUF
     direct = (False, "") if protobuf else direct_format(encoder)

@@ -1,5 +1,6 @@
-/* kserve_otel._speedups: the request path's bookkeeping in C (optional; kserve_otel/speedups.py has the same
- * API in pure Python and is used whenever this extension is not built).
+/* kserve_otel.recording._speedups: the request path's bookkeeping in C (optional;
+ * kserve_otel/recording/speedups.py has the same API in pure Python and is used whenever this extension is
+ * not built).
  *
  * Why C: measured with callgrind (instructions are repeatable where seconds are not: benchmarks/instructions.py),
  * a pure-Python histogram observation with its series lookup costs about 3,900 instructions, and the ASGI
@@ -20,7 +21,7 @@
 #include <time.h>
 
 #ifdef Py_GIL_DISABLED
-#error "kserve_otel._speedups relies on the GIL; the pure-Python kserve_otel.speedups is used instead"
+#error "kserve_otel.recording._speedups relies on the GIL; the pure-Python speedups is used instead"
 #endif
 
 /* Monotonic nanoseconds, the clock of time.perf_counter(). */
@@ -95,23 +96,23 @@ set_mirror(PyObject **slot, PyObject *value)
 
 /* ------------------------------------------------------------------------------------------------ Histogram */
 
-/* A histogram's cells, the layout that bind() places in a shared buffer and kserve_otel/series_files.py reads:
- * (nbounds + 1) bucket counts as native uint64, then sum, min and max as native doubles; 8-byte aligned. With
- * exemplars, (nbounds + 1) exemplar slots follow, one per bucket, of six 8-byte words: a sequence number (odd
- * while the slot is being written, 0 while it was never written), the value and the Unix time in seconds as
- * doubles, the trace id's high and low 64 bits and the span id. A reader in another process reads a slot
- * whole when its sequence number is even and the same before and after (a seqlock: this process is the one
- * writer, under the GIL). The interval extremes stay in the object: only this process's delta readers use
- * them. */
+/* A histogram's cells, the layout that bind() places in a shared buffer and
+ * kserve_otel/export/series_files.py reads: (nbounds + 1) bucket counts as native uint64, then sum, min and
+ * max as native doubles; 8-byte aligned. With exemplars, (nbounds + 1) exemplar slots follow, one per bucket,
+ * of six 8-byte words: a sequence number (odd while the slot is being written, 0 while it was never written),
+ * the value and the Unix time in seconds as doubles, the trace id's high and low 64 bits and the span id. A
+ * reader in another process reads a slot whole when its sequence number is even and the same before and after
+ * (a seqlock: this process is the one writer, under the GIL). The interval extremes stay in the object: only
+ * this process's delta readers use them. */
 typedef struct {
     unsigned long long seq;
     double value, time;
     unsigned long long trace_hi, trace_lo, span;
 } ExemplarSlot;
 
-/* With native, a native (exponential) histogram follows, as Prometheus defines it (see kserve_otel/speedups.py,
- * NATIVE_*): a header of sequence number (odd while written), schema, zero count, offset (key of counts[0])
- * and buckets in use, then NATIVE_MAX_BUCKETS counts. */
+/* With native, a native (exponential) histogram follows, as Prometheus defines it (see
+ * kserve_otel/recording/speedups.py, NATIVE_*): a header of sequence number (odd while written), schema, zero
+ * count, offset (key of counts[0]) and buckets in use, then NATIVE_MAX_BUCKETS counts. */
 #define NATIVE_SCHEMA 3
 #define NATIVE_MAX_BUCKETS 160
 #define NATIVE_ZERO_THRESHOLD 2.938735877055719e-39 /* 2^-128, Prometheus's default */
@@ -165,8 +166,8 @@ histogram_point(HistogramObject *self, char *at)
 }
 
 /* The lower bounds 2^(j/2^s - 1), j < 2^s, of the buckets of each positive schema s within one power of two
- * (Prometheus's nativeHistogramBounds; kserve_otel/speedups.py, _NATIVE_BOUNDS): filled once at import, so an
- * observation bisects a table instead of computing exp2() at each step. */
+ * (Prometheus's nativeHistogramBounds; kserve_otel/recording/speedups.py, _NATIVE_BOUNDS): filled once at
+ * import, so an observation bisects a table instead of computing exp2() at each step. */
 static double native_bounds[NATIVE_SCHEMA + 1][1 << NATIVE_SCHEMA];
 
 static void
@@ -179,8 +180,9 @@ native_bounds_fill(void)
     }
 }
 
-/* Prometheus's bucket key of v > 0 at `schema` (its math.Frexp computation: kserve_otel/speedups.py, native_key).
- * The schema never rises above NATIVE_SCHEMA: it only falls, by schema reduction. */
+/* Prometheus's bucket key of v > 0 at `schema` (its math.Frexp computation:
+ * kserve_otel/recording/speedups.py, native_key). The schema never rises above NATIVE_SCHEMA: it only falls,
+ * by schema reduction. */
 static inline long long
 native_key(double v, long long schema)
 {
@@ -669,13 +671,13 @@ static PyGetSetDef Histogram_getset[] = {
     {"cells_size", (getter)Histogram_get_cells_size, NULL, "Bytes that bind() needs in its buffer.", NULL},
     {"bounds", (getter)Histogram_get_bounds, NULL, "The upper bounds of the buckets (the last bucket has none).", NULL},
     {"mirror", (getter)Histogram_get_mirror, (setter)Histogram_set_mirror,
-     "Called with every observed value too, when set (see kserve_otel.series.set_mirror_factory).", NULL},
+     "Called with every observed value too, when set (see kserve_otel.recording.series.set_mirror_factory).", NULL},
     {NULL}
 };
 
 static PyTypeObject HistogramType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "kserve_otel._speedups.Histogram",
+    .tp_name = "kserve_otel.recording._speedups.Histogram",
     .tp_doc = PyDoc_STR("Cumulative explicit-bucket histogram of one label set; observe() is the hot path."),
     .tp_basicsize = sizeof(HistogramObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -848,13 +850,13 @@ static PyGetSetDef Counter_getset[] = {
     {"value", (getter)Counter_get_value, NULL, "The count.", NULL},
     {"cells_size", (getter)Counter_get_cells_size, NULL, "Bytes that bind() needs in its buffer.", NULL},
     {"mirror", (getter)Counter_get_mirror, (setter)Counter_set_mirror,
-     "Called with every amount add() adds, when set (see kserve_otel.series.set_mirror_factory).", NULL},
+     "Called with every amount add() adds, when set (see kserve_otel.recording.series.set_mirror_factory).", NULL},
     {NULL}
 };
 
 static PyTypeObject CounterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "kserve_otel._speedups.Counter",
+    .tp_name = "kserve_otel.recording._speedups.Counter",
     .tp_doc = PyDoc_STR("A 64-bit count of one label set: add(), increment(), decrement()."),
     .tp_basicsize = sizeof(CounterObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -888,7 +890,7 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    PyObject *metrics;        /* kserve_otel.request_spans.HTTPServerMetrics */
+    PyObject *metrics;        /* kserve_otel.request_path.request_spans.HTTPServerMetrics */
     PyObject *active_series;  /* its dict method -> in-flight series */
     PyObject *duration_series;/* its dict (method, route, status) -> duration series */
     PyObject *known_methods;  /* frozenset of str */
@@ -1116,7 +1118,7 @@ static PyGetSetDef Request_getset[] = {
 
 static PyTypeObject RequestType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "kserve_otel._speedups.Request",
+    .tp_name = "kserve_otel.recording._speedups.Request",
     .tp_doc = PyDoc_STR("One HTTP request being recorded; call it as the app's send()."),
     .tp_basicsize = sizeof(RequestObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
@@ -1389,7 +1391,7 @@ static PyMethodDef HTTPRecorder_methods[] = {
 
 static PyTypeObject HTTPRecorderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "kserve_otel._speedups.HTTPRecorder",
+    .tp_name = "kserve_otel.recording._speedups.HTTPRecorder",
     .tp_doc = PyDoc_STR("HTTPRecorder(metrics, known_methods, trace_fields): records HTTP server requests into "
                         "an HTTPServerMetrics."),
     .tp_basicsize = sizeof(HTTPRecorderObject),
@@ -1405,8 +1407,8 @@ static PyTypeObject HTTPRecorderType = {
 /* ------------------------------------------------------------------------------------------------- module */
 
 static struct PyModuleDef speedups_module = {
-    PyModuleDef_HEAD_INIT, "kserve_otel._speedups",
-    "The request path's bookkeeping in C; kserve_otel.speedups chooses it or its pure-Python twin.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "kserve_otel.recording._speedups",
+    "The request path's bookkeeping in C; kserve_otel.recording.speedups chooses it or its pure-Python twin.", -1, NULL,
 };
 
 #define INTERN(var, text) \

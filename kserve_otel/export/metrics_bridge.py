@@ -1,13 +1,13 @@
-"""Delivers the hot path's series (:mod:`kserve_otel.series`) to OpenTelemetry SDK metric readers.
+"""Delivers the hot path's series (:mod:`kserve_otel.recording.series`) to OpenTelemetry SDK metric readers.
 
 A bridged reader receives, with every collection, the SDK's own metrics plus one extra scope
 (``kserve_otel``) holding the step histograms and counters as ordinary ``Histogram`` and ``Sum`` data,
 in the temporality the reader prefers; a reader whose exporter asks for exponential histograms
 (``OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION=base2_exponential_bucket_histogram``, or a
 ``preferred_aggregation`` of ``ExponentialBucketHistogramAggregation``) gets the native histogram of each
-series that keeps one (:mod:`kserve_otel.speedups`) as an ``ExponentialHistogram``. Readers and exporters
-downstream cannot tell them from metrics recorded through the SDK's instruments, which is the point: the Prometheus reader, the OTLP exporter and
-the in-memory reader of tests all work unchanged.
+series that keeps one (:mod:`kserve_otel.recording.speedups`) as an ``ExponentialHistogram``. Readers and
+exporters downstream cannot tell them from metrics recorded through the SDK's instruments, which is the point:
+the Prometheus reader, the OTLP exporter and the in-memory reader of tests all work unchanged.
 
 How: the SDK hands every reader a collect callback through ``MetricReader._set_collect_callback`` (when it is
 registered with ``MeterProvider(metric_readers=...)`` or ``MeterProvider.add_metric_reader``).
@@ -48,9 +48,9 @@ from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from ._version import __version__
-from .names import SCOPE_NAME
-from .series import REGISTRY, CounterFamily, HistogramFamily, SeriesRegistry, UpDownCounterFamily
+from .._version import __version__
+from ..names import SCOPE_NAME
+from ..recording.series import REGISTRY, CounterFamily, HistogramFamily, SeriesRegistry, UpDownCounterFamily
 from .snapshots import Snapshot, add_native, native_entry, snapshot_registry
 
 _SCOPE = InstrumentationScope(SCOPE_NAME, __version__)
@@ -72,9 +72,9 @@ class _ReaderBridge:
         self.resource = resource
         self._previous: dict[int, tuple[int, Any]] = {}  # id(series) -> (time of last export, what it exported)
         self._lock = threading.Lock()
-        #: Other processes of the same server (a :class:`~kserve_otel.series_files.SharedSeries`) whose series this
-        #: reader reports summed with this process's: set for the Prometheus endpoint of a multi-worker
-        #: server. Cumulative readers only (a sum over processes has no per-process delta state).
+        #: Other processes of the same server (a :class:`~kserve_otel.export.series_files.SharedSeries`) whose
+        #: series this reader reports summed with this process's: set for the Prometheus endpoint of a
+        #: multi-worker server. Cumulative readers only (a sum over processes has no per-process delta state).
         self.peers: Any = None
         #: Whether the reader feeds a prometheus_client registry (only such collections are captured by
         #: :func:`capturing_series`: a scrape writes their series itself).
@@ -109,8 +109,8 @@ class _ReaderBridge:
         return self.histogram_temporality == self.counter_temporality == _CUMULATIVE
 
     def snapshot(self) -> Snapshot:
-        """What a cumulative collection of this reader reports, as a :mod:`kserve_otel.snapshots` snapshot: the
-        registry's series, or the sum over :attr:`peers` when set."""
+        """What a cumulative collection of this reader reports, as a :mod:`kserve_otel.export.snapshots`
+        snapshot: the registry's series, or the sum over :attr:`peers` when set."""
         return self.peers.merged_snapshot() if self.peers is not None else snapshot_registry(self.registry)
 
     def _collect_captured(self, data: MetricsData | None, captured: list[Snapshot]) -> MetricsData | None:
@@ -199,9 +199,9 @@ def capturing_series() -> Iterator[list[Snapshot]]:
     """While active, bridged Prometheus readers (cumulative) collected on this thread leave the series out of their
     OpenTelemetry data and append them, as one snapshot per collection, to the list this yields.
 
-    The seam of the scrape path (:func:`kserve_otel.exposition.render`): the Prometheus reader still turns the
-    SDK's own metrics into prometheus_client families, and :mod:`kserve_otel.text_exposition` writes the
-    captured series itself. Other threads (a periodic OTLP export) are not affected.
+    The seam of the scrape path (:func:`kserve_otel.export.exposition.render`): the Prometheus reader still
+    turns the SDK's own metrics into prometheus_client families, and :mod:`kserve_otel.export.text_exposition`
+    writes the captured series itself. Other threads (a periodic OTLP export) are not affected.
     """
     previous = getattr(_capture, "snapshots", None)
     _capture.snapshots = captured = []
@@ -212,8 +212,9 @@ def capturing_series() -> Iterator[list[Snapshot]]:
 
 
 def _metrics_from_snapshot(families: list[dict[str, Any]], now: int, exponential: bool = False) -> list[Metric]:
-    """Cumulative OpenTelemetry metrics from a :mod:`kserve_otel.snapshots` snapshot (a sum over processes);
-    with ``exponential``, the series that keep a native histogram as exponential histogram points."""
+    """Cumulative OpenTelemetry metrics from a :mod:`kserve_otel.export.snapshots` snapshot (a sum over
+    processes); with ``exponential``, the series that keep a native histogram as exponential histogram
+    points."""
     metrics: list[Metric] = []
     for family in families:
         if family["kind"] == "histogram":

@@ -63,7 +63,8 @@ def header_names() -> frozenset[bytes]:
 def header_names_watch() -> dict[str, Any]:
     """What lets a caller keep :func:`header_names`' answer until the global propagator changes: the API
     module's namespace and the name it keeps the propagator under, as ``watch_dict``/``watch_key`` of
-    :class:`kserve_otel.speedups.HTTPRecorder`; empty when that name is not found (then it asks every time)."""
+    :class:`kserve_otel.recording.speedups.HTTPRecorder`; empty when that name is not found (then it asks
+    every time)."""
     namespace = vars(propagate)
     if namespace.get(_GLOBAL_TEXTMAP_NAME) is propagate.get_global_textmap():
         return {"watch_dict": namespace, "watch_key": _GLOBAL_TEXTMAP_NAME}

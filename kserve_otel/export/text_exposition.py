@@ -6,8 +6,8 @@ encoder, one formatted sample at a time. cProfile of a 2,000-series render (500 
 samples, 2.4 MB) put 78% of the time in the encoder (``sample_line``: label escaping and validation per
 sample), 21% in the reader's conversion (``HistogramMetricFamily.add_metric``, ``_convert_buckets``); the render
 cost 0.80 x what prometheus_client's ``generate_latest`` costs for the same series (``benchmarks/scrape.py``,
-median of 31 samples). Writing from a :mod:`kserve_otel.snapshots` snapshot formats each series' labels once
-and each bucket line with one f-string: 0.07 x in the same run (25 ms for 2,000 series).
+median of 31 samples). Writing from a :mod:`kserve_otel.export.snapshots` snapshot formats each series' labels
+once and each bucket line with one f-string: 0.07 x in the same run (25 ms for 2,000 series).
 
 What it writes is exactly what that chain writes for the same series: the reader's metric names
 (``sanitize_full_name``, the unit suffix from ``map_unit``, ``_total`` for counters), its labels (attribute keys
@@ -63,7 +63,8 @@ def direct_format(encoder: Callable[..., bytes]) -> tuple[bool, str] | None:
 
 def family_name(family: dict[str, Any]) -> str:
     """The prometheus_client family name the OpenTelemetry Prometheus reader gives a snapshot family (what
-    :class:`~kserve_otel.exposition.MergedCollector` compares): counters without ``_total``, with the unit."""
+    :class:`~kserve_otel.export.exposition.MergedCollector` compares): counters without ``_total``, with the
+    unit."""
     name = sanitize_full_name(family["name"])
     unit = map_unit(family["unit"] or "")
     if family["kind"] == "counter" and name.endswith("_total"):
@@ -96,7 +97,7 @@ def write(snapshot: Snapshot, openmetrics: bool = False, escaping: str = UNDERSC
           seen: set[str] | None = None) -> str:
     """The families of ``snapshot`` in the Prometheus text format 0.0.4 (or OpenMetrics 1.0, without the
     closing ``# EOF``). With ``seen``, families whose name is in it are left out and the names written are
-    added to it (first one wins, as in :class:`~kserve_otel.exposition.MergedCollector`)."""
+    added to it (first one wins, as in :class:`~kserve_otel.export.exposition.MergedCollector`)."""
     out: list[str] = []
     counts = _Formatted()
     for family, name, series in families_to_write(snapshot, seen):

@@ -9,7 +9,7 @@ model server from serving.
 Zero-code auto-instrumentation has no code of the user's to raise into, so it resolves with
 :meth:`Settings.load_forgiving`: a bad variable is reported in one line and ignored, and only what it configures
 is off (a bad tracing setting: kserve-otel's span export; any other: that setting falls back to the next source).
-Problems are reported once per process tree (:mod:`kserve_otel.problems`), not once per worker process.
+Problems are reported once per process tree (:mod:`kserve_otel.config.problems`), not once per worker process.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from .annotations import (
     Reporter,
     read_annotations,
 )
-from .exemplars import EXEMPLAR_FILTERS
-from .names import KSERVE_BUCKETS, STEP_NAME_PATTERN
+from ..recording.exemplars import EXEMPLAR_FILTERS
+from ..names import KSERVE_BUCKETS, STEP_NAME_PATTERN
 from .problems import report_once
 
 METRICS_EXPORTERS = ("prometheus", "otlp", "console", "none")
@@ -508,8 +508,9 @@ def settings_table_rows() -> Iterable[tuple[str, str, str, str, str, str]]:
 
 
 def settings_markdown() -> str:
-    """The README's settings table, generated from :data:`SETTINGS_TABLE` (``python -m kserve_otel.settings``
-    prints it; ``tests/test_settings.py`` checks the README holds exactly this)."""
+    """The README's settings table, generated from :data:`SETTINGS_TABLE` (``python -m
+    kserve_otel.config.settings`` prints it; ``tests/test_settings.py`` checks the README holds exactly
+    this)."""
     lines = ["| setting | variable | standard variable | pod annotation | default | meaning |",
              "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in settings_table_rows()]

@@ -2,23 +2,24 @@
 survive a worker's death, and a scrape that never waits on a stalled one.
 
 Why it exists: a KServe server with ``workers=N`` runs N worker processes plus the parent, each with its own
-:class:`~kserve_otel.series.SeriesRegistry`; a Prometheus scrape lands on one of them, which must answer for all
-(kserve#2979) and must never go backwards. Asking the others over a socket (what this package did first) loses a
-worker's counts when it is killed and waits when it is stopped or holds its GIL. Here each process keeps the
-cells of its series (bucket counts, sums, counters) in its own file-backed shared mapping: the C extension's
-``bind`` points a series at its place in the mapping, so an observation costs what it did in private memory,
-and nothing is ever sent. A scrape reads every file of the directory, live or dead, without a message and
-without the owner's help: the counts of a worker killed with SIGKILL stay in its file, a stopped worker's
-can be read while it is stopped. prometheus_client's multiprocess mode does the same with one file per metric
-and a Python ``struct`` write per observation; here the write is the C extension's ordinary increment.
+:class:`~kserve_otel.recording.series.SeriesRegistry`; a Prometheus scrape lands on one of them, which must
+answer for all (kserve#2979) and must never go backwards. Asking the others over a socket (what this package
+did first) loses a worker's counts when it is killed and waits when it is stopped or holds its GIL. Here each
+process keeps the cells of its series (bucket counts, sums, counters) in its own file-backed shared mapping:
+the C extension's ``bind`` points a series at its place in the mapping, so an observation costs what it did in
+private memory, and nothing is ever sent. A scrape reads every file of the directory, live or dead, without a
+message and without the owner's help: the counts of a worker killed with SIGKILL stay in its file, a stopped
+worker's can be read while it is stopped. prometheus_client's multiprocess mode does the same with one file
+per metric and a Python ``struct`` write per observation; here the write is the C extension's ordinary
+increment.
 
 Files: ``<pid>-<ns>.<k>.series`` (``k`` = 0, 1, ... as the process needs room), each a 64-byte header (magic,
 version, owner pid, bytes used) and then records: a length, a JSON description of the series (family, kind,
-labels, bounds, start time) and its cells (see :meth:`kserve_otel.speedups.PyHistogram.bind`). Records are
-appended and never change but for their cells; the header's "bytes used" is written after a record, so a
-reader sees whole records only. The owner holds an exclusive ``flock`` on its file ``.0`` (the kernel lets go
-of it when the process ends, however it ends): a reader that can take the lock knows the owner is gone, and
-leaves out its requests in flight (a gauge), never its counts.
+labels, bounds, start time) and its cells (see :meth:`kserve_otel.recording.speedups.PyHistogram.bind`).
+Records are appended and never change but for their cells; the header's "bytes used" is written after a
+record, so a reader sees whole records only. The owner holds an exclusive ``flock`` on its file ``.0`` (the
+kernel lets go of it when the process ends, however it ends): a reader that can take the lock knows the owner
+is gone, and leaves out its requests in flight (a gauge), never its counts.
 Dead processes' files are folded into ``retired.json`` (a sum) by whichever process scrapes, so a server whose
 workers restart often keeps few files.
 
@@ -46,13 +47,13 @@ import threading
 import time
 from typing import Any
 
-from .series import REGISTRY, HistogramFamily, SeriesRegistry
+from ..recording.series import REGISTRY, HistogramFamily, SeriesRegistry
 from .snapshots import (
     Snapshot, exemplar_entries, histogram_entry, merge_snapshots, native_entry, snapshot_registry,
     warn_now_and_then, without_gauges,
 )
-from .speedups import EXEMPLAR_SLOT as _EXEMPLAR
-from .speedups import NATIVE_HEADER, NATIVE_MAX_BUCKETS, NATIVE_ZERO_THRESHOLD, histogram_layout
+from ..recording.speedups import EXEMPLAR_SLOT as _EXEMPLAR
+from ..recording.speedups import NATIVE_HEADER, NATIVE_MAX_BUCKETS, NATIVE_ZERO_THRESHOLD, histogram_layout
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""The request path's bookkeeping, in C when the optional extension ``kserve_otel._speedups`` is built, else in
-pure Python: the same classes, the same behaviour.
+"""The request path's bookkeeping, in C when the optional extension ``kserve_otel.recording._speedups`` is
+built, else in pure Python: the same classes, the same behaviour.
 
 Why two implementations: every step observation and every HTTP request passes through :class:`Histogram` and
 :class:`HTTPRecorder`. Measured with callgrind (instruction counts, repeatable on a noisy machine:
@@ -88,7 +88,7 @@ def histogram_layout(buckets: int, exemplars: bool, native: bool) -> tuple[int, 
     """Where a histogram's cells keep their parts, in bytes from their start: (exemplar slots, native block,
     size). Counts come first (``buckets`` uint64), then sum, min and max (doubles), then an exemplar slot per
     bucket (with ``exemplars``), then the native block (with ``native``). The C twin and
-    :mod:`kserve_otel.series_files` (which reads other processes' cells) use the same layout."""
+    :mod:`kserve_otel.export.series_files` (which reads other processes' cells) use the same layout."""
     exemplars_at = 8 * buckets + 24
     native_at = exemplars_at + (_EXEMPLAR.size * buckets if exemplars else 0)
     return exemplars_at, native_at, native_at + (NATIVE_SIZE if native else 0)
@@ -112,7 +112,8 @@ class PyHistogram:
 
     Its cells (``len(bounds) + 1`` bucket counts as native uint64, then sum, min and max as native doubles) live
     in memory of its own until :meth:`bind` moves them into a shared buffer, where other processes read them
-    (:mod:`kserve_otel.series_files`). The interval extremes stay in the object: only delta readers use them.
+    (:mod:`kserve_otel.export.series_files`). The interval extremes stay in the object: only delta readers use
+    them.
     """
 
     __slots__ = ("bounds", "with_exemplars", "with_native", "_exemplars_at", "_native_at", "cells_size", "_cells",
@@ -131,7 +132,8 @@ class PyHistogram:
             len(self.bounds) + 1, self.with_exemplars, self.with_native)
         self._lock = threading.Lock()
         self._place(_cells(self.cells_size), carry=None)
-        #: Called with every observed value too, when set (see :func:`kserve_otel.series.set_mirror_factory`).
+        #: Called with every observed value too, when set (see
+        #: :func:`kserve_otel.recording.series.set_mirror_factory`).
         self.mirror: Callable[[float], object] | None = None
 
     def _place(self, cells: memoryview, carry: bool | None) -> None:
@@ -286,7 +288,8 @@ class PyCounter:
     def __init__(self) -> None:
         self._cell = _cells(8).cast("q")
         self._lock = threading.Lock()
-        #: Called with every amount :meth:`add` adds, when set (see :func:`kserve_otel.series.set_mirror_factory`).
+        #: Called with every amount :meth:`add` adds, when set (see
+        #: :func:`kserve_otel.recording.series.set_mirror_factory`).
         self.mirror: Callable[[int], object] | None = None
 
     def add(self, amount: int = 1) -> None:
@@ -383,8 +386,9 @@ class PyRequest:
 
 
 class PyHTTPRecorder:
-    """Records HTTP server requests into ``metrics`` (a :class:`kserve_otel.request_spans.HTTPServerMetrics`):
-    requests in flight by method, durations by method, route template and status.
+    """Records HTTP server requests into ``metrics`` (a
+    :class:`kserve_otel.request_path.request_spans.HTTPServerMetrics`): requests in flight by method,
+    durations by method, route template and status.
 
     ``trace_fields()`` returns the header names (lower-case bytes) the trace propagators read; with
     ``watch_dict`` and ``watch_key`` its answer is kept while ``watch_dict[watch_key]`` stays the same object.

@@ -16,7 +16,8 @@ fields are exactly the ones this module fills (checked per tracer, see :func:`sp
 version or tracer class falls back to ``tracer.start_span``. ``tests/test_span_factory.py`` compares spans
 from both paths field by field.
 
-The factory never asks a sampler: :mod:`kserve_otel.tracing` decides first, for the trace id it drew with
+The factory never asks a sampler: :mod:`kserve_otel.spans.tracing` decides first, for the trace id it drew
+with
 :class:`SpanIds` (the tracer's own id generator, called as the SDK calls it: trace id, then span id), and
 hands that trace id to :meth:`SpanFactory.start` or :func:`start_sampled_span` (a request span: any kind and
 attributes), so the span carries the very trace id the decision was made for.

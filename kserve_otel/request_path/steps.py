@@ -22,9 +22,10 @@ Observations made before :func:`kserve_otel.configure` are kept and appear in th
 
 Memory is bounded by the series cap, not by the model names a server sees: the per-model details of a step
 (:class:`_ModelInfo`) are cached only for names that have a series of their own. Once a step's family holds
-:data:`kserve_otel.series.CARDINALITY_LIMIT` series, a new name is counted in the family's overflow series and
-nothing is kept for it: its details are rebuilt at each call (a few microseconds, only past the cap). Its span
-still carries the real model name: spans are not metrics, and a trace is where one looks for one model.
+:data:`kserve_otel.recording.series.CARDINALITY_LIMIT` series, a new name is counted in the family's overflow
+series and nothing is kept for it: its details are rebuilt at each call (a few microseconds, only past the
+cap). Its span still carries the real model name: spans are not metrics, and a trace is where one looks for
+one model.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from contextvars import ContextVar
 from time import perf_counter
 from typing import Any, TypeVar, overload
 
-from .names import (
+from ..names import (
     ATTR_MODEL_NAME,
     ATTR_STEP,
     ERRORS_INSTRUMENT,
@@ -50,9 +51,9 @@ from .names import (
     step_instrument_name,
     validate_step_name,
 )
-from .series import REGISTRY, HistogramSeries
-from . import exemplars
-from .tracing import SpanHandle, end_step_span, resume, start_step_span, suspend
+from ..recording.series import REGISTRY, HistogramSeries
+from ..recording import exemplars
+from ..spans.tracing import SpanHandle, end_step_span, resume, start_step_span, suspend
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -212,7 +213,7 @@ def _rebuild_recorder(
     recorder = StepRecorder(step, model_name, fallback_model=fallback_model)
     recorder.is_method, recorder.default_model = is_method, default_model
     if "ray.serve" in sys.modules:  # unpickled with a deployment's class into a Ray Serve replica, most likely
-        from .instrumentation.ray_serve.adoption import adopt_unpickled_steps
+        from ..instrumentation.ray_serve.adoption import adopt_unpickled_steps
 
         adopt_unpickled_steps()
     return recorder

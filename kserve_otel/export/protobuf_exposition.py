@@ -146,7 +146,8 @@ def _native(native: dict[str, Any]) -> bytes:
 
 def write_snapshot(snapshot: Snapshot, seen: set[str] | None = None) -> bytes:
     """The families of ``snapshot`` as delimited ``MetricFamily`` messages; ``seen`` as in
-    :func:`kserve_otel.text_exposition.write` (families already written are left out, written names added)."""
+    :func:`kserve_otel.export.text_exposition.write` (families already written are left out, written names
+    added)."""
     out = []
     for family, name, series in families_to_write(snapshot, seen):
         kind = family["kind"]
