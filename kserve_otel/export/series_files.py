@@ -47,13 +47,13 @@ import threading
 import time
 from typing import Any
 
-from ..recording.series import REGISTRY, HistogramFamily, SeriesRegistry
-from .snapshots import (
-    Snapshot, exemplar_entries, histogram_entry, merge_snapshots, native_entry, snapshot_registry,
-    warn_now_and_then, without_gauges,
-)
+from ..recording.series import REGISTRY, SeriesRegistry
 from ..recording.speedups import EXEMPLAR_SLOT as _EXEMPLAR
 from ..recording.speedups import NATIVE_HEADER, NATIVE_MAX_BUCKETS, NATIVE_ZERO_THRESHOLD, histogram_layout
+from .snapshots import (
+    Snapshot, exemplar_entries, family_entry, histogram_entry, merge_snapshots, native_entry, snapshot_registry,
+    warn_now_and_then, without_gauges,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -154,15 +154,9 @@ def remove_stale_directories(parent: str) -> list[str]:
 
 
 def _description(family: Any, series: Any) -> bytes:
-    entry = {"name": family.name, "kind": family.kind, "description": family.description, "unit": family.unit,
-             "label_names": list(family.label_names), "attributes": dict(series.attributes),
-             "start": series.start_time_ns}
-    if isinstance(family, HistogramFamily):
-        entry["bounds"] = list(family.bounds)
-        if family.exemplars:
-            entry["exemplars"] = True
-        if family.native:
-            entry["native"] = True
+    entry = family_entry(family)
+    del entry["series"]
+    entry.update(attributes=dict(series.attributes), start=series.start_time_ns)
     return json.dumps(entry, separators=(",", ":")).encode()
 
 

@@ -338,19 +338,56 @@ Histogram_init(HistogramObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static int
-Histogram_traverse(HistogramObject *self, visitproc visit, void *arg)
+/* tp_traverse and tp_clear of a type from one list of its object fields, so that neither can miss one:
+ * GC_FIELDS(Type, FIELDS) where FIELDS(X) is X(field) X(other) ... */
+#define VISIT_FIELD(field) Py_VISIT(self->field);
+#define CLEAR_FIELD(field) Py_CLEAR(self->field);
+#define GC_FIELDS(Type, FIELDS)                                                                      \
+    static int Type##_traverse(Type##Object *self, visitproc visit, void *arg)                       \
+    {                                                                                                \
+        FIELDS(VISIT_FIELD)                                                                          \
+        return 0;                                                                                    \
+    }                                                                                                \
+    static int Type##_clear(Type##Object *self)                                                      \
+    {                                                                                                \
+        FIELDS(CLEAR_FIELD)                                                                          \
+        return 0;                                                                                    \
+    }
+
+/* The slots every type of this module fills alike (its tp_init, where it has one, and tp_new go beside). */
+#define GC_TYPE_SLOTS(Type)                                                                          \
+    .tp_basicsize = sizeof(Type##Object), .tp_dealloc = (destructor)Type##_dealloc,                  \
+    .tp_traverse = (traverseproc)Type##_traverse, .tp_clear = (inquiry)Type##_clear,                 \
+    .tp_methods = Type##_methods
+
+/* The `mirror` attribute of a histogram or a counter: the callable in the field at `closure`'s offset. */
+static PyObject *
+mirror_get(PyObject *self, void *offset)
 {
-    Py_VISIT(self->mirror);
-    return 0;
+    PyObject *mirror = *(PyObject **)((char *)self + (Py_ssize_t)offset);
+    return Py_NewRef(mirror != NULL ? mirror : Py_None);
 }
 
 static int
-Histogram_clear(HistogramObject *self)
+mirror_set(PyObject *self, PyObject *value, void *offset)
 {
-    Py_CLEAR(self->mirror);
-    return 0;
+    return set_mirror((PyObject **)((char *)self + (Py_ssize_t)offset), value);
 }
+
+#define MIRROR_GETSET(Type, doc) {"mirror", mirror_get, mirror_set, doc, (void *)offsetof(Type##Object, mirror)}
+
+/* The type of a histogram or a counter: subclassable (the series classes are), made by Type##_init. */
+#define CELL_TYPE(Type, doc)                                                                         \
+    {                                                                                                \
+        PyVarObject_HEAD_INIT(NULL, 0)                                                               \
+        .tp_name = "kserve_otel.recording._speedups." #Type, .tp_doc = PyDoc_STR(doc),               \
+        .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,                   \
+        .tp_new = PyType_GenericNew, .tp_init = (initproc)Type##_init, GC_TYPE_SLOTS(Type),          \
+        .tp_getset = Type##_getset,                                                                  \
+    }
+
+#define MIRROR_FIELDS(X) X(mirror)
+GC_FIELDS(Histogram, MIRROR_FIELDS)
 
 /* A static type: Python subclasses' subtype_dealloc calls this and releases their heap type itself. */
 static void
@@ -631,20 +668,6 @@ Histogram_get_bounds(HistogramObject *self, void *closure)
     return self->bounds_tuple;
 }
 
-static PyObject *
-Histogram_get_mirror(HistogramObject *self, void *closure)
-{
-    PyObject *m = self->mirror != NULL ? self->mirror : Py_None;
-    Py_INCREF(m);
-    return m;
-}
-
-static int
-Histogram_set_mirror(HistogramObject *self, PyObject *value, void *closure)
-{
-    return set_mirror(&self->mirror, value);
-}
-
 static PyMethodDef Histogram_methods[] = {
     {"observe", (PyCFunction)Histogram_observe, METH_O,
      "observe(value)\n--\n\nCount ``value`` (seconds) in its bucket: bucket i holds bounds[i-1] < value <= bounds[i]."},
@@ -670,25 +693,12 @@ static PyGetSetDef Histogram_getset[] = {
     {"count", (getter)Histogram_get_count, NULL, "Observations so far.", NULL},
     {"cells_size", (getter)Histogram_get_cells_size, NULL, "Bytes that bind() needs in its buffer.", NULL},
     {"bounds", (getter)Histogram_get_bounds, NULL, "The upper bounds of the buckets (the last bucket has none).", NULL},
-    {"mirror", (getter)Histogram_get_mirror, (setter)Histogram_set_mirror,
-     "Called with every observed value too, when set (see kserve_otel.recording.series.set_mirror_factory).", NULL},
+    MIRROR_GETSET(Histogram, "Called with every observed value too, when set (see series.set_mirror_factory)."),
     {NULL}
 };
 
-static PyTypeObject HistogramType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "kserve_otel.recording._speedups.Histogram",
-    .tp_doc = PyDoc_STR("Cumulative explicit-bucket histogram of one label set; observe() is the hot path."),
-    .tp_basicsize = sizeof(HistogramObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Histogram_init,
-    .tp_dealloc = (destructor)Histogram_dealloc,
-    .tp_traverse = (traverseproc)Histogram_traverse,
-    .tp_clear = (inquiry)Histogram_clear,
-    .tp_methods = Histogram_methods,
-    .tp_getset = Histogram_getset,
-};
+static PyTypeObject HistogramType =
+    CELL_TYPE(Histogram, "Cumulative explicit-bucket histogram of one label set; observe() is the hot path.");
 
 /* -------------------------------------------------------------------------------------------------- Counter */
 
@@ -716,19 +726,7 @@ Counter_init(CounterObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static int
-Counter_traverse(CounterObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->mirror);
-    return 0;
-}
-
-static int
-Counter_clear(CounterObject *self)
-{
-    Py_CLEAR(self->mirror);
-    return 0;
-}
+GC_FIELDS(Counter, MIRROR_FIELDS)
 
 static void
 Counter_dealloc(CounterObject *self)
@@ -823,18 +821,6 @@ Counter_get_cells_size(CounterObject *self, void *closure)
     return PyLong_FromSsize_t(sizeof(long long));
 }
 
-static PyObject *
-Counter_get_mirror(CounterObject *self, void *closure)
-{
-    return Py_NewRef(self->mirror != NULL ? self->mirror : Py_None);
-}
-
-static int
-Counter_set_mirror(CounterObject *self, PyObject *value, void *closure)
-{
-    return set_mirror(&self->mirror, value);
-}
-
 static PyMethodDef Counter_methods[] = {
     {"add", (PyCFunction)(void (*)(void))Counter_add, METH_FASTCALL,
      "add(amount=1)\n--\n\nAdd ``amount`` (an int); the mirror, if any, sees it too."},
@@ -849,25 +835,12 @@ static PyMethodDef Counter_methods[] = {
 static PyGetSetDef Counter_getset[] = {
     {"value", (getter)Counter_get_value, NULL, "The count.", NULL},
     {"cells_size", (getter)Counter_get_cells_size, NULL, "Bytes that bind() needs in its buffer.", NULL},
-    {"mirror", (getter)Counter_get_mirror, (setter)Counter_set_mirror,
-     "Called with every amount add() adds, when set (see kserve_otel.recording.series.set_mirror_factory).", NULL},
+    MIRROR_GETSET(Counter, "Called with every amount add() adds, when set (see series.set_mirror_factory)."),
     {NULL}
 };
 
-static PyTypeObject CounterType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "kserve_otel.recording._speedups.Counter",
-    .tp_doc = PyDoc_STR("A 64-bit count of one label set: add(), increment(), decrement()."),
-    .tp_basicsize = sizeof(CounterObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Counter_init,
-    .tp_dealloc = (destructor)Counter_dealloc,
-    .tp_traverse = (traverseproc)Counter_traverse,
-    .tp_clear = (inquiry)Counter_clear,
-    .tp_methods = Counter_methods,
-    .tp_getset = Counter_getset,
-};
+static PyTypeObject CounterType =
+    CELL_TYPE(Counter, "A 64-bit count of one label set: add(), increment(), decrement().");
 
 /* ------------------------------------------------------------------------------------------ HTTP requests */
 
@@ -907,39 +880,18 @@ static PyTypeObject HTTPRecorderType;
 static PyObject *str_type, *str_method, *str_headers, *str_route, *str_path, *str_status, *str_other,
     *str_response_start, *str_response_body, *str_more_body, *str_increment, *str_decrement, *str_active, *str_duration, *str_observe_traced, *str_empty, *int_500;
 
-static int
-Request_traverse(RequestObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->recorder);
-    Py_VISIT(self->send);
-    Py_VISIT(self->method);
-    Py_VISIT(self->decrement);
-    Py_VISIT(self->status);
-    Py_VISIT(self->scope);
-    Py_VISIT(self->span);
-    return 0;
-}
+/* The dealloc of a type whose only resources are the object fields its tp_clear clears. */
+#define GC_DEALLOC(Type)                                                                             \
+    static void Type##_dealloc(Type##Object *self)                                                   \
+    {                                                                                                \
+        PyObject_GC_UnTrack(self);                                                                   \
+        Type##_clear(self);                                                                          \
+        Py_TYPE(self)->tp_free((PyObject *)self);                                                    \
+    }
 
-static int
-Request_clear(RequestObject *self)
-{
-    Py_CLEAR(self->recorder);
-    Py_CLEAR(self->send);
-    Py_CLEAR(self->method);
-    Py_CLEAR(self->decrement);
-    Py_CLEAR(self->status);
-    Py_CLEAR(self->scope);
-    Py_CLEAR(self->span);
-    return 0;
-}
-
-static void
-Request_dealloc(RequestObject *self)
-{
-    PyObject_GC_UnTrack(self);
-    Request_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+#define REQUEST_FIELDS(X) X(recorder) X(send) X(method) X(decrement) X(status) X(scope) X(span)
+GC_FIELDS(Request, REQUEST_FIELDS)
+GC_DEALLOC(Request)
 
 /* The ``send`` the app gets: note the status of ``http.response.start``, then return send(message). */
 static PyObject *Request_finish(RequestObject *self, PyObject *scope);
@@ -1120,14 +1072,10 @@ static PyTypeObject RequestType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "kserve_otel.recording._speedups.Request",
     .tp_doc = PyDoc_STR("One HTTP request being recorded; call it as the app's send()."),
-    .tp_basicsize = sizeof(RequestObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_dealloc = (destructor)Request_dealloc,
-    .tp_traverse = (traverseproc)Request_traverse,
-    .tp_clear = (inquiry)Request_clear,
+    GC_TYPE_SLOTS(Request),
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(RequestObject, vectorcall),
-    .tp_methods = Request_methods,
     .tp_getset = Request_getset,
 };
 
@@ -1177,43 +1125,10 @@ HTTPRecorder_init(HTTPRecorderObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static int
-HTTPRecorder_traverse(HTTPRecorderObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->metrics);
-    Py_VISIT(self->active_series);
-    Py_VISIT(self->duration_series);
-    Py_VISIT(self->known_methods);
-    Py_VISIT(self->trace_fields);
-    Py_VISIT(self->watch_dict);
-    Py_VISIT(self->watch_key);
-    Py_VISIT(self->fields_for);
-    Py_VISIT(self->fields_cache);
-    return 0;
-}
-
-static int
-HTTPRecorder_clear(HTTPRecorderObject *self)
-{
-    Py_CLEAR(self->metrics);
-    Py_CLEAR(self->active_series);
-    Py_CLEAR(self->duration_series);
-    Py_CLEAR(self->known_methods);
-    Py_CLEAR(self->trace_fields);
-    Py_CLEAR(self->watch_dict);
-    Py_CLEAR(self->watch_key);
-    Py_CLEAR(self->fields_for);
-    Py_CLEAR(self->fields_cache);
-    return 0;
-}
-
-static void
-HTTPRecorder_dealloc(HTTPRecorderObject *self)
-{
-    PyObject_GC_UnTrack(self);
-    HTTPRecorder_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+#define HTTP_RECORDER_FIELDS(X) X(metrics) X(active_series) X(duration_series) X(known_methods) X(trace_fields) \
+    X(watch_dict) X(watch_key) X(fields_for) X(fields_cache)
+GC_FIELDS(HTTPRecorder, HTTP_RECORDER_FIELDS)
+GC_DEALLOC(HTTPRecorder)
 
 /* Whether any header name of ``headers`` (an ASGI list of (name, value) pairs) is in ``fields``. */
 static int
@@ -1394,14 +1309,10 @@ static PyTypeObject HTTPRecorderType = {
     .tp_name = "kserve_otel.recording._speedups.HTTPRecorder",
     .tp_doc = PyDoc_STR("HTTPRecorder(metrics, known_methods, trace_fields): records HTTP server requests into "
                         "an HTTPServerMetrics."),
-    .tp_basicsize = sizeof(HTTPRecorderObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)HTTPRecorder_init,
-    .tp_dealloc = (destructor)HTTPRecorder_dealloc,
-    .tp_traverse = (traverseproc)HTTPRecorder_traverse,
-    .tp_clear = (inquiry)HTTPRecorder_clear,
-    .tp_methods = HTTPRecorder_methods,
+    GC_TYPE_SLOTS(HTTPRecorder),
 };
 
 /* ------------------------------------------------------------------------------------------------- module */

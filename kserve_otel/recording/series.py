@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from time import time_ns
+from typing import Any, Generic, TypeVar
 
 from ..names import KSERVE_BUCKETS
 from .speedups import Counter, Histogram
@@ -62,10 +63,15 @@ class UpDownCounterSeries(CounterSeries):
     __slots__ = ()
 
 
-class Family:
+S = TypeVar("S")
+
+
+class Family(Generic[S]):
     """Series of one instrument, by label values. Creating a series takes the family lock; reading does not."""
 
     kind = "family"
+    #: What :meth:`series` makes, from the series' attributes.
+    series_class: Callable[[dict[str, object]], Any]
 
     def __init__(self, name: str, description: str, unit: str, label_names: Sequence[str]) -> None:
         self.name = name
@@ -77,7 +83,8 @@ class Family:
         #: Called with each new series while the family lock is held: the registry's store places its cells.
         self.on_new_series: Callable[[Family, object], None] | None = None
 
-    def _get(self, label_values: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    def series(self, *label_values: str) -> S:
+        """The series of these label values (in ``label_names`` order), created on first use."""
         series = self._series.get(label_values)
         if series is None:
             with self._lock:
@@ -89,7 +96,7 @@ class Family:
                     series.mirror = _mirror_for(self, series.attributes)
                     self._placed(series)
                     self._series[label_values] = series
-        return series
+        return series  # type: ignore[return-value]
 
     def _get_overflow(self):  # type: ignore[no-untyped-def]
         key = ("\0overflow",)
@@ -115,15 +122,15 @@ class Family:
                 for series in self._series.values():
                     place(self, series)
 
-    def _new(self, attributes: dict[str, object]):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
+    def _new(self, attributes: dict[str, object]) -> S:
+        return self.series_class(attributes)  # type: ignore[no-any-return]
 
     def all_series(self) -> list:  # type: ignore[type-arg]
         """Every series, in creation order."""
         return list(self._series.values())
 
 
-class HistogramFamily(Family):
+class HistogramFamily(Family[HistogramSeries]):
     """A histogram instrument: one :class:`HistogramSeries` per label set, all with the same bounds."""
 
     kind = "histogram"
@@ -142,35 +149,19 @@ class HistogramFamily(Family):
     def _new(self, attributes: dict[str, object]) -> HistogramSeries:
         return HistogramSeries(attributes, self.bounds, self.exemplars, self.native)
 
-    def series(self, *label_values: str) -> HistogramSeries:
-        """The series of these label values (in ``label_names`` order), created on first use."""
-        return self._get(label_values)  # type: ignore[no-any-return]
 
-
-class CounterFamily(Family):
+class CounterFamily(Family[CounterSeries]):
     """A monotonic counter instrument: one :class:`CounterSeries` per label set."""
 
     kind = "counter"
-
-    def _new(self, attributes: dict[str, object]) -> CounterSeries:
-        return CounterSeries(attributes)
-
-    def series(self, *label_values: str) -> CounterSeries:
-        """The series of these label values (in ``label_names`` order), created on first use."""
-        return self._get(label_values)  # type: ignore[no-any-return]
+    series_class = CounterSeries
 
 
 class UpDownCounterFamily(CounterFamily):
     """A counter that may go down (requests in flight): exported as a non-monotonic sum, always cumulative."""
 
     kind = "updowncounter"
-
-    def _new(self, attributes: dict[str, object]) -> UpDownCounterSeries:
-        return UpDownCounterSeries(attributes)
-
-    def series(self, *label_values: str) -> UpDownCounterSeries:
-        """The series of these label values (in ``label_names`` order), created on first use."""
-        return self._get(label_values)  # type: ignore[no-any-return]
+    series_class = UpDownCounterSeries
 
 
 #: Makes the mirror of a new series (another metrics system that sees every observation too), if any.
