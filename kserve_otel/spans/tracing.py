@@ -193,15 +193,19 @@ def _is_sdk_class(sampler: Any, base: type, method: str) -> bool:
             and getattr(cls, method, None) is getattr(base, method))
 
 
+def _provider_state() -> _ProviderState:
+    """What is known of the provider spans go to now (analysed again whenever it is another one)."""
+    provider = current_provider()
+    state = _state
+    return state if provider is state.provider else _analyse(provider)
+
+
 def tracer_if_recording(parent_context: context_api.Context | None = None) -> Any:
     """The tracer to start a span under ``parent_context`` (default: the current context) with, or ``None``
     when no span is needed there: it would be dropped, and leaving ``parent_context`` current instead decides
     everything inside alike (see :func:`start_step_span`). A tracer returned means the span may be sampled
     (a root's decision waits for its trace id) or must be made non-recording: ``tracer.start_span`` decides."""
-    provider = current_provider()
-    state = _state
-    if provider is not state.provider:
-        state = _analyse(provider)
+    state = _provider_state()
     mode = state.mode
     if mode == _OFF:
         return None
@@ -267,10 +271,7 @@ def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
 
     ``attributes`` must not change after the first call with it: spans of one (name, attributes dict) are made
     from one template."""
-    provider = current_provider()
-    state = _state
-    if provider is not state.provider:
-        state = _analyse(provider)
+    state = _provider_state()
     mode = state.mode
     if mode == _OFF:
         return None
@@ -358,10 +359,7 @@ def start_server_span(
     decides its children alike), so the request's trace id still reaches step spans, outgoing calls and log
     lines, and its steps are dropped with it. Pass the token to :func:`end_server_span`.
     """
-    provider = current_provider()
-    state = _state
-    if provider is not state.provider:
-        state = _analyse(provider)
+    state = _provider_state()
     mode = state.mode
     if mode == _DECIDED:
         context = parent if parent is not None else _current_context()
