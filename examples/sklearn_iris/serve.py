@@ -9,7 +9,8 @@ example ``OTEL_TRACES_EXPORTER=console`` prints every request's spans.
 
 Try it:
 
-    curl -s localhost:8080/v1/models/iris:predict -d '{"instances": [[6.8, 2.8, 4.8, 1.4]]}'
+    curl -s localhost:8080/v1/models/iris:predict -H 'content-type: application/json' \
+        -d '{"instances": [[6.8, 2.8, 4.8, 1.4]]}'
     curl -s localhost:8080/metrics | grep request_predict_seconds_count
 """
 
