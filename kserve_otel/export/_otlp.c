@@ -304,6 +304,20 @@ put_string(Buf *b, unsigned char tag, PyObject *obj)
     return 0;
 }
 
+/* obj.<field> from the instance dict of an object of an exact SDK type (no lookup through its type): a new
+ * reference, or NULL with an exception, or NULL without one when the dict has no such key. */
+static PyObject *
+own_field(PyObject *obj, PyObject *field)
+{
+    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+    if (dict == NULL)
+        return NULL;
+    PyObject *value = PyDict_GetItemWithError(dict, field);
+    Py_XINCREF(value);
+    Py_DECREF(dict);
+    return value;
+}
+
 /* getattr(obj, name), past the property where the SDK's property only returns a field: a ReadableSpan's
  * context, parent, name, kind, start_time, end_time and status (``self._<name>``, from the instance dict), a
  * SpanContext's trace_id, span_id, is_remote and trace_state (``self[i]``: it is a tuple). Exact types only. */
@@ -316,12 +330,7 @@ get_field(PyObject *obj, PyObject *name)
                           name == s_kind ? s__kind : name == s_start_time ? s__start_time :
                           name == s_end_time ? s__end_time : name == s_status ? s__status : NULL;
         if (field != NULL) {
-            PyObject *dict = PyObject_GenericGetDict(obj, NULL);
-            if (dict == NULL)
-                return NULL;
-            PyObject *value = PyDict_GetItemWithError(dict, field);
-            Py_XINCREF(value);
-            Py_DECREF(dict);
+            PyObject *value = own_field(obj, field);
             if (value != NULL || PyErr_Occurred())
                 return value;
         }
@@ -836,7 +845,6 @@ put_links(Buf *b, PyObject *links)
     return rc;
 }
 
-/* The fields of one Span message, in field-number order (flags, field 16, last). */
 /* A ReadableSpan's field ``name`` (``_attributes``, ``_events``, ``_links``) where its property would copy it:
  * a new reference to what to encode, or NULL with an exception. For any other span type, the property. */
 static PyObject *
@@ -844,8 +852,8 @@ span_field(PyObject *span, PyObject *field, PyObject *property)
 {
     if (readable_span_type == NULL || Py_TYPE(span) != readable_span_type)
         return PyObject_GetAttr(span, property);
-    PyObject *value = PyObject_GetAttr(span, field);
-    if (value == NULL)
+    PyObject *value = own_field(span, field);
+    if (value == NULL && (PyErr_Occurred() || (value = PyObject_GetAttr(span, field)) == NULL))
         return NULL;
     if (field == s__attributes) {
         if (value == Py_None) { /* the property: MappingProxyType(self._attributes or {}) */
@@ -862,6 +870,7 @@ span_field(PyObject *span, PyObject *field, PyObject *property)
     return value;
 }
 
+/* The fields of one Span message, in field-number order (flags, field 16, last). */
 static int
 put_span(Buf *b, PyObject *span)
 {

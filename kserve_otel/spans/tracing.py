@@ -271,7 +271,11 @@ def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
 
     ``attributes`` must not change after the first call with it: spans of one (name, attributes dict) are made
     from one template."""
-    state = _provider_state()
+    # The prologue of _provider_state, inlined: this is every step's path, metrics-only included.
+    provider = current_provider()
+    state = _state
+    if provider is not state.provider:
+        state = _analyse(provider)
     mode = state.mode
     if mode == _OFF:
         return None
