@@ -35,8 +35,10 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
+from opentelemetry.trace import SpanContext
 
 from .export.otlp_encoding import EncodedSpan, encode_batch, encode_span, encode_spans
+from .spans.span_factory import TemplateSpan
 
 __all__ = ["EncodingBatchSpanProcessor", "FastOTLPSpanExporter"]
 
@@ -117,18 +119,26 @@ class EncodingBatchSpanProcessor(BatchSpanProcessor):
     """The SDK's ``BatchSpanProcessor`` (same arguments) for a :class:`FastOTLPSpanExporter`: each sampled span
     is encoded when it ends and queued as one small :class:`~kserve_otel.export.otlp_encoding.EncodedSpan`."""
 
+    #: ``on_end`` encodes the span there and then and keeps nothing of it: a tracer whose only processor this is
+    #: may pass it the ended span itself in place of a ``ReadableSpan`` copy (see kserve_otel.spans.span_factory).
+    encodes_at_end = True
+
     def __init__(self, span_exporter: FastOTLPSpanExporter, *args: Any, **kwargs: Any) -> None:
         if not isinstance(span_exporter, FastOTLPSpanExporter):
             raise TypeError(f"EncodingBatchSpanProcessor exports with a FastOTLPSpanExporter, not {span_exporter!r}")
         super().__init__(span_exporter, *args, **kwargs)
 
     def on_end(self, span: ReadableSpan) -> None:
-        context = span.context
-        if not (context and context.trace_flags.sampled):
+        if isinstance(span, TemplateSpan):  # step and request spans: their fields, past three property calls
+            context, resource, scope = span._context, span._resource, span._instrumentation_scope
+        else:
+            context, resource, scope = span.context, span.resource, span.instrumentation_scope
+        # A SpanContext is a tuple (trace_id, span_id, is_remote, trace_flags, ...): flags without two calls.
+        if not (context[3] & 1 if type(context) is SpanContext else context and context.trace_flags.sampled):
             return
         try:
             # tuple.__new__: the NamedTuple's own __new__ is a Python function, called for every span
-            item = _new_tuple(EncodedSpan, (span.resource, span.instrumentation_scope or None, encode_span(span)))
+            item = _new_tuple(EncodedSpan, (resource, scope or None, encode_span(span)))
         except Exception as error:  # noqa: BLE001 - a span that cannot be encoded is dropped, never raised
             # The SDK's exporter would fail its whole batch; this loses the one span, and counts it as the
             # SDK counts a batch it cannot encode: an export of it that failed with this error.

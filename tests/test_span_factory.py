@@ -87,8 +87,11 @@ def both_ways(provider: TracerProvider, parent: context_api.Context, exporter: I
     finally:
         context_api.detach(token)
     sdk_made, factory_made = exporter.get_finished_spans()[-2:]
-    assert set(made[0].__dict__) == set(made[1].__dict__)
-    assert type(made[0]) is type(made[1]) is _Span
+    # The factory's span is an SDK span (a subclass of _Span holding the shared fields as class attributes), and
+    # every field of the SDK's span reads the same on it.
+    assert type(made[0]) is _Span and isinstance(made[1], _Span)
+    for field in made[0].__dict__:
+        assert hasattr(made[1], field), field
     return sdk_made, factory_made
 
 
@@ -301,3 +304,152 @@ def test_request_spans_are_the_sdks_with_any_attributes_and_limits(attributes, l
     sdk_made, factory_made = exporter.get_finished_spans()
     assert comparable(factory_made) == comparable(sdk_made)
     assert type(factory_made.attributes) is type(sdk_made.attributes)
+
+
+# ------------------------------------------------------------- template spans: shared fields, the fast end
+
+
+def _used(span: Any, n: int) -> Any:
+    """A span given what a user's code may do to it inside a step."""
+    if n % 2:
+        span.set_attribute("n", n)
+        span.set_attributes({"odd": True, "list": [1, 2]})
+    if n % 3 == 0:
+        span.add_event("event", {"n": n})
+    if n % 4 == 0:
+        span.add_link(SpanContext(0x1234, 0x5678, is_remote=True), {"why": "batch"})
+    if n % 5 == 0:
+        span.update_name(f"renamed {n}")
+        span.record_exception(ValueError("bad input"))
+        span.set_status(trace.Status(trace.StatusCode.ERROR, "bad input"))
+    span.end()
+    return span
+
+
+def test_template_spans_share_nothing_a_span_changes():
+    exporter = InMemorySpanExporter()
+    provider, _ = provider_with(exporter)
+    factory = span_factory(provider.get_tracer("t"), "predict iris", ATTRIBUTES)
+    spans = [_used(factory.start(context_api.Context()), n) for n in range(6)]
+    exported = exporter.get_finished_spans()
+    assert [dict(span.attributes) for span in exported] == [
+        {**ATTRIBUTES, **({"n": n, "odd": True, "list": (1, 2)} if n % 2 else {})} for n in range(6)]
+    assert [[event.name for event in span.events] for span in exported] == [
+        ["event", "exception"], [], [], ["event"], [], ["exception"]]
+    assert [len(span.links) for span in exported] == [1, 0, 0, 0, 1, 0]
+    assert [span.name for span in exported] == ["renamed 0", *["predict iris"] * 4, "renamed 5"]
+    # a new span still starts from the template alone
+    fresh = factory.start(context_api.Context())
+    assert dict(fresh._attributes) == ATTRIBUTES and tuple(fresh._events) == () and fresh.name == "predict iris"
+    fresh.set_attribute("after", 1)
+    with pytest.raises(TypeError):  # what the SDK does to a change of an ended span's attributes
+        spans[0]._attributes["late"] = 1
+    assert "after" not in factory.start(context_api.Context()).attributes
+
+
+@pytest.mark.parametrize("implementation", ["c", "python"])
+def test_template_spans_encode_as_the_sdk_encoder_reads_them(implementation):
+    """The OTLP encoder reads a template span's fields (some of them class attributes) as the SDK's encoder
+    reads its properties."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
+
+    from kserve_otel.export import otlp_encoding
+
+    encode = {"c": otlp_encoding.encode_spans, "python": otlp_encoding.py_encode_spans}[implementation]
+    limits = SpanLimits(max_span_attributes=4, max_events=1, max_links=0)
+    for options in ({}, {"span_limits": limits}):
+        exporter = InMemorySpanExporter()
+        provider, _ = provider_with(exporter, **options)
+        tracer = provider.get_tracer("kserve-otel-test", "1")
+        factory = span_factory(tracer, "predict iris", ATTRIBUTES)
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(SpanContext(0xABC, 0xDEF, is_remote=True)))
+        live = [_used(factory.start(parent if n % 2 else context_api.Context()), n) for n in range(10)]
+        ids = SpanIds(tracer)
+        live += [_used(start_sampled_span(tracer, ids, "request", None, None, ids.trace_id(), trace.SpanKind.SERVER,
+                                          {"url.path": "/v1/models/iris:predict", "server.port": 8080}), n)
+                 for n in range(5)]
+        expected = sdk_encode_spans(live).SerializeToString()
+        assert encode(live) == expected
+        assert encode(exporter.get_finished_spans()) == expected  # their ReadableSpan copies alike
+
+
+def test_the_only_processor_gets_the_ended_span_and_the_receiver_the_sdks_bytes():
+    """A tracer whose one processor is kserve-otel's encoding processor: starts skip the processors' no-op
+    on_start, ends pass the span itself, and what reaches a real OTLP/HTTP receiver is what the SDK's encoder
+    makes of the same spans."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
+    from otlp_receiver import OTLPReceiver
+
+    from kserve_otel.otlp_export import EncodingBatchSpanProcessor, FastOTLPSpanExporter
+
+    with OTLPReceiver() as receiver:
+        processor = EncodingBatchSpanProcessor(FastOTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces"))
+        provider = TracerProvider(resource=Resource.create({"service.name": "fast"}))
+        provider.add_span_processor(processor)
+        tracer = provider.get_tracer("kserve-otel-test", "1")
+        factory = span_factory(tracer, "predict iris", ATTRIBUTES)
+        assert factory._span_class._fast == (processor,)
+        ended = []
+        original = processor.on_end
+        processor.on_end = lambda span: (ended.append(span), original(span))[1]
+        live = [_used(factory.start(context_api.Context()), n) for n in range(12)]
+        assert ended == live  # the spans themselves, no ReadableSpan copies
+        # a processor added while a span runs sees its end as from the SDK, and the fast path steps aside
+        running = factory.start(context_api.Context())
+        memory = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        running.end()
+        assert [span.context for span in memory.get_finished_spans()] == [running.context]
+        assert type(ended[-1]) is ReadableSpan
+        provider.shutdown()
+        (request,) = receiver.traces
+    assert request.SerializeToString() == sdk_encode_spans([*live, running]).SerializeToString()
+
+
+def test_a_user_processors_on_start_keeps_the_sdk_path():
+    from kserve_otel.otlp_export import EncodingBatchSpanProcessor, FastOTLPSpanExporter
+
+    class Watching(EncodingBatchSpanProcessor):
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            self.seen = span
+
+    processor = Watching(FastOTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces"))
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    factory = span_factory(provider.get_tracer("t"), "predict iris", ATTRIBUTES)
+    assert factory._span_class._fast is None
+    span = factory.start(context_api.Context())
+    assert processor.seen is span
+    span.end()
+    provider.shutdown()
+
+
+@pytest.mark.parametrize("limits", [None, SpanLimits(max_span_attributes=4), SpanLimits(max_span_attribute_length=3)],
+                         ids=["default", "four attributes", "three characters"])
+def test_set_attribute_keeps_what_the_sdk_keeps_in_its_order(limits, caplog):
+    """The template span's own set_attribute (plain values) against the SDK's: same items, same order (a key
+    set again moves to the end), same drops, same warning for an ended span."""
+    exporter = InMemorySpanExporter()
+    provider, _ = provider_with(exporter, **({"span_limits": limits} if limits else {}))
+    tracer = provider.get_tracer("t")
+    factory = span_factory(tracer, "predict iris", {"model_name": "iris"})
+    ids = SpanIds(tracer)
+    made = {
+        "sdk": tracer.start_span("predict iris", attributes={"model_name": "iris"}),
+        "step": factory.start(context_api.Context()),
+        "request": start_sampled_span(tracer, ids, "predict iris", None, None, ids.trace_id(),
+                                      trace.SpanKind.INTERNAL, {"model_name": "iris"}),
+    }
+    for span in made.values():
+        for key, value in (("a", 1), ("b", "a long value"), ("model_name", "other"), ("a", 2.5), ("c", True),
+                           ("d", [1, 2]), ("", 3), ("e", -4)):
+            span.set_attribute(key, value)
+        span.end()
+        with caplog.at_level("WARNING", logger="opentelemetry.sdk.trace"):
+            span.set_attribute("late", 1)
+    assert caplog.text.count("Setting attribute on ended span.") == 3
+    by_name = dict(zip(made, exporter.get_finished_spans()))
+    expected = list(by_name["sdk"].attributes.items())
+    for name in ("step", "request"):
+        assert list(by_name[name].attributes.items()) == expected, name
+        assert by_name[name].dropped_attributes == by_name["sdk"].dropped_attributes

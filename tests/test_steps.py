@@ -417,6 +417,21 @@ def test_generator_span_is_current_only_inside_the_step(model, spans):
     assert span.parent.span_id == request.get_span_context().span_id
 
 
+def test_a_span_ended_in_another_context_is_logged_by_the_api_not_raised(model, spans, caplog):
+    """A step's span handle ended where its context token cannot be reset (another contextvars Context, as
+    when a generator step is finished by another task): the span still ends, and the API's detach logs."""
+    import contextvars
+
+    from kserve_otel.spans import tracing
+
+    with spans.provider.get_tracer("test").start_as_current_span("request"):
+        handle = contextvars.copy_context().run(tracing.start_step_span, f"predict {model}", {"model_name": model})
+        with caplog.at_level("ERROR", logger="opentelemetry.context"):
+            tracing.end_step_span(handle)
+    assert "Failed to detach context" in caplog.text
+    assert [s.name for s in spans.get_finished_spans()] == [f"predict {model}", "request"]
+
+
 def test_incoming_traceparent_becomes_the_parent(model, spans):
     from opentelemetry.propagate import extract
     from opentelemetry import context

@@ -39,7 +39,7 @@ static PyObject *s_name, *s_context, *s_trace_id, *s_span_id, *s_trace_state, *s
     *s_kind, *s_start_time, *s_end_time, *s_attributes, *s_dropped_attributes, *s_events, *s_timestamp,
     *s_dropped_events, *s_links, *s_dropped_links, *s_status, *s_description, *s_status_code, *s_value,
     *s_resource, *s_instrumentation_scope, *s_version, *s_schema_url, *s_exception, *s_exc_info, *s_empty,
-    *s_log_format, *s__attributes, *s__events, *s__links, *s__dict, *s__dq;
+    *s_log_format, *s__attributes, *s__events, *s__links, *s__dict, *s__dq, *s_dropped;
 
 /* Looked up at the first call: SpanKind's members (kind i is wire value i + 1), StatusCode's (value i), the
  * Sequence and Mapping ABCs, and the logger of kserve_otel.export.otlp_encoding. */
@@ -49,8 +49,10 @@ static PyObject *span_kinds[5], *status_codes[3], *abc_sequence, *abc_mapping, *
  * ReadableSpan's attributes are a MappingProxyType over a BoundedAttributes, iterated in Python, its events and
  * links a tuple made under a lock). Exact types only; NULL where the SDK has none of that name, and then every
  * span takes the property path. Reading the fields gives the same items in the same order. */
-static PyTypeObject *readable_span_type, *bounded_attributes_type, *bounded_list_type, *span_context_type;
-static PyObject *s__context, *s__parent, *s__name, *s__kind, *s__start_time, *s__end_time, *s__status;
+static PyTypeObject *readable_span_type, *bounded_attributes_type, *bounded_list_type, *span_context_type,
+    *status_type, *trace_state_type;
+static PyObject *s__context, *s__parent, *s__name, *s__kind, *s__start_time, *s__end_time, *s__status,
+    *s__status_code, *s__description;
 
 static PyTypeObject *
 type_from(const char *module_name, const char *name)
@@ -112,6 +114,8 @@ done:
     bounded_attributes_type = type_from("opentelemetry.attributes", "BoundedAttributes");
     bounded_list_type = type_from("opentelemetry.sdk.util", "BoundedList");
     span_context_type = type_from("opentelemetry.trace", "SpanContext");
+    status_type = type_from("opentelemetry.trace.status", "Status");
+    trace_state_type = type_from("opentelemetry.trace.span", "TraceState");
     memcpy(span_kinds, kinds_found, sizeof(span_kinds));
     memcpy(status_codes, codes_found, sizeof(status_codes));
     abc_sequence = sequence;
@@ -318,29 +322,115 @@ own_field(PyObject *obj, PyObject *field)
     return value;
 }
 
+/* Subclasses of ReadableSpan that override none of the properties put_span reads (the SDK's Span and _Span,
+ * kserve_otel's template spans) are read as a ReadableSpan is, through the private fields the properties return
+ * or copy; a field of such a span may be an instance attribute or (a template span's) a class attribute, so it
+ * is read by getattr of its private name. Decided once per type: 2 for ReadableSpan itself, 1 for such a
+ * subclass, 0 for any other type (read through its properties). */
+static PyObject *span_layouts; /* dict: type -> 0 or 1, at most MAX_SPAN_LAYOUTS entries */
+#define MAX_SPAN_LAYOUTS 4096
+
+static int
+span_layout(PyTypeObject *type)
+{
+    static PyTypeObject *last_type; /* strong: its address is not reused while it is kept here */
+    static int last_layout;
+    if (readable_span_type == NULL)
+        return 0;
+    if (type == readable_span_type)
+        return 2;
+    if (type == last_type)
+        return last_layout;
+    if (!PyType_IsSubtype(type, readable_span_type))
+        return 0;
+    if (span_layouts == NULL && (span_layouts = PyDict_New()) == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *known = PyDict_GetItemWithError(span_layouts, (PyObject *)type);
+    if (known != NULL) {
+        Py_INCREF(type);
+        Py_XSETREF(last_type, type);
+        return last_layout = known == Py_True;
+    }
+    PyErr_Clear();
+    PyObject *names[] = {s_context, s_parent, s_name, s_kind, s_start_time, s_end_time, s_status, s_attributes,
+                         s_events, s_links, s_dropped_attributes, s_dropped_events, s_dropped_links};
+    int plain = 1;
+    for (size_t i = 0; plain && i < sizeof(names) / sizeof(names[0]); i++) {
+        /* A property read from a class is the property object itself. */
+        PyObject *ours = PyObject_GetAttr((PyObject *)type, names[i]);
+        PyObject *sdk = PyObject_GetAttr((PyObject *)readable_span_type, names[i]);
+        plain = ours != NULL && ours == sdk;
+        Py_XDECREF(ours);
+        Py_XDECREF(sdk);
+    }
+    PyErr_Clear();
+    if (PyDict_GET_SIZE(span_layouts) < MAX_SPAN_LAYOUTS &&
+        PyDict_SetItem(span_layouts, (PyObject *)type, plain ? Py_True : Py_False) < 0)
+        PyErr_Clear();
+    return plain;
+}
+
+/* A span's private field ``field`` for a span of layout 2 (from its instance dict: a new reference, or NULL
+ * with an exception, or NULL without one when it has none) or 1 (getattr). */
+static PyObject *
+private_field(PyObject *span, int layout, PyObject *field)
+{
+    return layout == 2 ? own_field(span, field) : PyObject_GetAttr(span, field);
+}
+
+/* ReadableSpan.dropped_attributes / dropped_events / dropped_links from the fields: the container's ``dropped``
+ * where it is a BoundedAttributes (a BoundedList), else 0. */
+static PyObject *
+dropped_of(PyObject *span, int layout, PyObject *field, PyTypeObject *container_type)
+{
+    PyObject *container = private_field(span, layout, field);
+    if (container == NULL)
+        return PyErr_Occurred() ? NULL : PyLong_FromLong(0);
+    PyObject *dropped = container_type != NULL && PyObject_TypeCheck(container, container_type)
+                            ? PyObject_GetAttr(container, s_dropped) : PyLong_FromLong(0);
+    Py_DECREF(container);
+    return dropped;
+}
+
 /* getattr(obj, name), past the property where the SDK's property only returns a field: a ReadableSpan's
- * context, parent, name, kind, start_time, end_time and status (``self._<name>``, from the instance dict), a
- * SpanContext's trace_id, span_id, is_remote and trace_state (``self[i]``: it is a tuple). Exact types only. */
+ * context, parent, name, kind, start_time, end_time, status and dropped counts (``self._<name>``, see
+ * span_layout), a SpanContext's trace_id, span_id, is_remote and trace_state (``self[i]``: it is a tuple). */
 static PyObject *
 get_field(PyObject *obj, PyObject *name)
 {
     PyTypeObject *type = Py_TYPE(obj);
-    if (type == readable_span_type && readable_span_type != NULL) {
-        PyObject *field = name == s_context ? s__context : name == s_parent ? s__parent : name == s_name ? s__name :
-                          name == s_kind ? s__kind : name == s_start_time ? s__start_time :
-                          name == s_end_time ? s__end_time : name == s_status ? s__status : NULL;
-        if (field != NULL) {
-            PyObject *value = own_field(obj, field);
-            if (value != NULL || PyErr_Occurred())
-                return value;
-        }
-    } else if (type == span_context_type && span_context_type != NULL && PyTuple_GET_SIZE(obj) == 6) {
+    int layout;
+    if (type == span_context_type && span_context_type != NULL && PyTuple_GET_SIZE(obj) == 6) {
         int index = name == s_trace_id ? 0 : name == s_span_id ? 1 : name == s_is_remote ? 2 :
                     name == s_trace_state ? 4 : -1;
         if (index >= 0) {
             PyObject *value = PyTuple_GET_ITEM(obj, index);
             Py_INCREF(value);
             return value;
+        }
+    } else if (type == status_type && status_type != NULL) { /* a Status: its two fields, past the properties */
+        PyObject *field = name == s_status_code ? s__status_code : name == s_description ? s__description : NULL;
+        if (field != NULL) {
+            PyObject *value = own_field(obj, field);
+            if (value != NULL || PyErr_Occurred())
+                return value;
+        }
+    } else if ((layout = span_layout(type)) != 0) {
+        PyObject *field = name == s_context ? s__context : name == s_parent ? s__parent : name == s_name ? s__name :
+                          name == s_kind ? s__kind : name == s_start_time ? s__start_time :
+                          name == s_end_time ? s__end_time : name == s_status ? s__status : NULL;
+        if (field != NULL) {
+            PyObject *value = private_field(obj, layout, field);
+            if (value != NULL || PyErr_Occurred())
+                return value;
+        } else if (name == s_dropped_attributes) {
+            return dropped_of(obj, layout, s__attributes, bounded_attributes_type);
+        } else if (name == s_dropped_events) {
+            return dropped_of(obj, layout, s__events, bounded_list_type);
+        } else if (name == s_dropped_links) {
+            return dropped_of(obj, layout, s__links, bounded_list_type);
         }
     }
     return PyObject_GetAttr(obj, name);
@@ -703,6 +793,15 @@ put_trace_state(Buf *b, PyObject *trace_state)
 {
     if (trace_state == Py_None)
         return 0;
+    if (trace_state_type != NULL && Py_TYPE(trace_state) == trace_state_type) { /* the commonest: empty */
+        PyObject *entries = own_field(trace_state, s__dict);
+        if (entries == NULL && PyErr_Occurred())
+            return -1;
+        int empty = entries != NULL && PyDict_Check(entries) && PyDict_GET_SIZE(entries) == 0;
+        Py_XDECREF(entries);
+        if (empty)
+            return 0;
+    }
     PyObject *items = PyObject_CallMethodNoArgs(trace_state, s_items);
     if (items == NULL)
         return -1;
@@ -760,7 +859,7 @@ put_status(Buf *b, PyObject *status)
     Py_ssize_t start = open_field(b, 0x7a, 1);
     if (start < 0 || put_string_attr(b, status, s_description, 0x12) < 0)
         return -1;
-    PyObject *code = PyObject_GetAttr(status, s_status_code);
+    PyObject *code = get_field(status, s_status_code);
     if (code == NULL)
         return -1;
     long value = -1;
@@ -850,9 +949,10 @@ put_links(Buf *b, PyObject *links)
 static PyObject *
 span_field(PyObject *span, PyObject *field, PyObject *property)
 {
-    if (readable_span_type == NULL || Py_TYPE(span) != readable_span_type)
+    int layout = span_layout(Py_TYPE(span));
+    if (layout == 0)
         return PyObject_GetAttr(span, property);
-    PyObject *value = own_field(span, field);
+    PyObject *value = private_field(span, layout, field);
     if (value == NULL && (PyErr_Occurred() || (value = PyObject_GetAttr(span, field)) == NULL))
         return NULL;
     if (field == s__attributes) {
@@ -1187,6 +1287,7 @@ PyInit__otlp(void)
     INTERN(s__links, "_links");
     INTERN(s__dict, "_dict");
     INTERN(s__dq, "_dq");
+    INTERN(s_dropped, "dropped");
     INTERN(s__context, "_context");
     INTERN(s__parent, "_parent");
     INTERN(s__name, "_name");
@@ -1194,5 +1295,7 @@ PyInit__otlp(void)
     INTERN(s__start_time, "_start_time");
     INTERN(s__end_time, "_end_time");
     INTERN(s__status, "_status");
+    INTERN(s__status_code, "_status_code");
+    INTERN(s__description, "_description");
     return PyModule_Create(&otlp_module);
 }

@@ -35,9 +35,11 @@ def set_filter(name: str) -> None:
 
 def observe_in_span(series: Any, seconds: float, span: Any) -> None:
     """Observe ``seconds`` made in ``span`` (a step's): an exemplar of its bucket when the filter lets it."""
+    # A SpanContext is a tuple (trace_id, span_id, is_remote, trace_flags, trace_state, is_valid): read by index,
+    # four property calls fewer on every traced step (tests/test_steps.py checks the layout).
     context = span.get_span_context()
-    if enabled and (context.trace_flags & 1 or (unsampled_too and context.is_valid)):
-        series.observe_exemplar(seconds, context.trace_id, context.span_id)
+    if enabled and (context[3] & 1 or (unsampled_too and context[5])):
+        series.observe_exemplar(seconds, context[0], context[1])
     else:
         series.observe(seconds)
 

@@ -265,6 +265,39 @@ def _context_reader() -> Callable[[], context_api.Context]:
 _current_context = _context_reader()
 
 
+def _context_writers() -> tuple[Callable[[context_api.Context], Any], Callable[[Any], None]]:
+    """``(attach, reset)``: the runtime context's own ContextVar's ``set`` and ``reset`` where its ``attach``
+    and ``detach`` are the API's default runtime context's (which call just these: two Python calls a span
+    saved at start, two at end), else ``context_api.attach`` and ``context_api.detach``."""
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+    runtime = getattr(context_api, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime, "_current_context", None)
+    if (isinstance(variable, ContextVar) and type(runtime).attach is ContextVarsRuntimeContext.attach
+            and type(runtime).detach is ContextVarsRuntimeContext.detach):
+        return variable.set, variable.reset
+    return context_api.attach, context_api.detach
+
+
+_attach, _reset = _context_writers()
+_Context = context_api.Context
+
+
+def _make_current(span: Span, context: context_api.Context) -> object:
+    """``context_api.attach(trace.set_span_in_context(span, context))``, the same steps inlined; the token."""
+    values = context.copy()
+    values[_SPAN_KEY] = span
+    return _attach(_Context(values))
+
+
+def _detach(token: Any) -> None:
+    """``context_api.detach(token)``: a token that cannot be reset is logged by the API, never raised."""
+    try:
+        _reset(token)
+    except Exception:  # noqa: BLE001 - as the API's detach: "Failed to detach context", logged
+        context_api.detach(token)
+
+
 def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
     """Start a span, child of the current one, and make it current; ``None`` when no span is needed (it would
     be dropped, and so would any span started inside it).
@@ -310,7 +343,7 @@ def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
             return _sampled_step(state, name, attributes, context, None, trace_id)
         return _dropped(state, context, None, trace_id)
     span = state.tracer.start_span(name, attributes=attributes)  # the SDK asks its sampler
-    return span, context_api.attach(trace.set_span_in_context(span, context))
+    return span, _make_current(span, context)
 
 
 def _sampled_step(state: _ProviderState, name: str, attributes: dict[str, Any], context: context_api.Context,
@@ -330,7 +363,7 @@ def _sampled_step(state: _ProviderState, name: str, attributes: dict[str, Any], 
             state.tracer, state.ids, name, None, parent, trace_id,  # type: ignore[arg-type]
             trace.SpanKind.INTERNAL, attributes,
         )
-    return span, context_api.attach(trace.set_span_in_context(span, context))
+    return span, _make_current(span, context)
 
 
 def _dropped(
@@ -345,7 +378,7 @@ def _dropped(
     else:
         flags, trace_state = _DROPPED_FLAGS[parent[3] & _RANDOM_FLAG], parent[4]
     span = NonRecordingSpan(SpanContext(trace_id, ids.span_id(), False, flags, trace_state))  # type: ignore[union-attr]
-    return span, context_api.attach(trace.set_span_in_context(span, context))
+    return span, _make_current(span, context)
 
 
 _RANDOM_FLAG = trace.TraceFlags.RANDOM_TRACE_ID
@@ -388,7 +421,7 @@ def start_server_span(
             state.tracer, state.ids, name, parent, parent_span, trace_id,  # type: ignore[arg-type]
             _SERVER, attributes(),
         )
-        return span, context_api.attach(trace.set_span_in_context(span, context))
+        return span, _make_current(span, context)
     if mode == _OFF:
         return None, (context_api.attach(parent) if parent is not None else None)
     span = state.tracer.start_span(name, context=parent, kind=_SERVER, attributes=attributes())  # the SDK decides
@@ -399,7 +432,7 @@ def start_server_span(
 def end_server_span(span: Span | None, token: object, error: BaseException | None = None) -> None:
     """End what :func:`start_server_span` started, recording ``error`` (if any) with error status."""
     if token is not None:
-        context_api.detach(token)  # type: ignore[arg-type]
+        _detach(token)
     if span is not None:
         if error is not None:
             _record_error(span, error)
@@ -409,7 +442,7 @@ def end_server_span(span: Span | None, token: object, error: BaseException | Non
 def end_step_span(handle: SpanHandle, error: BaseException | None = None) -> None:
     """End a span from :func:`start_step_span`, recording ``error`` (if any) with error status."""
     span, token = handle
-    context_api.detach(token)  # type: ignore[arg-type]
+    _detach(token)
     if error is not None:
         _record_error(span, error)
     span.end()
