@@ -32,6 +32,7 @@ MEASURES = (
     ("memory", "benchmarks.memory", 400),
     ("throughput", "benchmarks.throughput", 1200),
     ("instructions", "benchmarks.instructions", 900),
+    ("server-instructions", "benchmarks.server_instructions", 900),
 )
 HERE = os.path.dirname(os.path.abspath(__file__))
 
