@@ -11,7 +11,7 @@ decision itself, then makes only what the SDK would have made:
   sampler's own ``bound``), read once per provider; the decision is one comparison of the trace id, which for
   a root is drawn first from the tracer's id generator, as ``Tracer.start_span`` draws it.
 * Sampled: the span is made with that trace id by :mod:`kserve_otel.spans.span_factory` (a step's template, or
-  the SDK's own span class for a request span), half the SDK's cost.
+  the SDK's own span class for a request span), a fraction of the SDK's cost.
 * Dropped under an unsampled parent: nothing is made and the parent stays current, where that changes no
   later decision (spans inside would be dropped under the SDK's non-recording span too) nor what outgoing
   calls carry (the flag is off either way). That is the commonest case, a parent-based sampler under an
@@ -348,7 +348,7 @@ def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
 
 def _sampled_step(state: _ProviderState, name: str, attributes: dict[str, Any], context: context_api.Context,
                   parent: SpanContext | None, trace_id: int) -> SpanHandle:
-    """The step's span, sampled for ``trace_id``, made from the step's template (half the SDK's cost)."""
+    """The step's span, sampled for ``trace_id``, made from the step's template (a fraction of the SDK's cost)."""
     factories = state.factories
     key = (name, id(attributes))
     factory = factories.get(key, _NO_FACTORY)
