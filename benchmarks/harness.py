@@ -202,6 +202,16 @@ def module_main(run: Callable[[bool], Section], argv: list[str] | None = None) -
 # --------------------------------------------------------------------------------------------- machine
 
 
+def stop(proc: subprocess.Popen, timeout: float) -> None:  # type: ignore[type-arg]
+    """Terminate ``proc``, and kill it if it has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago."""
     with socket.socket() as sock:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .harness import ROOT, Section, Table, free_port, module_main
+from .harness import ROOT, Section, Table, free_port, module_main, stop
 from .servers import PREDICT_PATH, REQUEST_BODY
 from .throughput import span_receiver
 
@@ -90,12 +90,7 @@ def count(kind: str, receiver: str, warmup: int, requests: int) -> float:
             time.sleep(SETTLE)  # the same time idle, counted alone: subtracted
             _dump(server.pid)
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop(server, 60)
         served, idle = (_total(f"{out}.{n}") for n in (1, 2))
         return (served - idle) / requests
 

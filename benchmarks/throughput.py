@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .harness import ROOT, Section, Table, Target, free_port, module_main
+from .harness import ROOT, Section, Table, Target, free_port, module_main, stop
 from .servers import KINDS, MODEL_NAME, PREDICT_PATH, READY_PATHS, REQUEST_BODY, SPANS_PER_REQUEST, TRACED, pending
 
 CONCURRENCIES = (1, 8)
@@ -100,12 +100,7 @@ def running_server(kind: str, ready_timeout: float = 90.0) -> Iterator[str]:
             _wait_ready(proc, base + READY_PATHS[kind.split("-")[0]], ready_timeout, log)
             yield base
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, 15)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, log: object) -> None:

@@ -18,8 +18,8 @@ ends and keeps nothing of it (kserve-otel's ``EncodingBatchSpanProcessor``, whic
 ``encodes_at_end``): then start skips the processors' no-op ``on_start``, and end gives that processor the
 ended span itself, with no ``ReadableSpan`` copy and no loop over processors. A processor added later, while
 spans run, puts their ends back on the SDK's path (``TemplateSpan.end`` checks the processors each time).
-Measured (callgrind, a KServe server tracing every request, 400 requests): 527k instructions a request more
-than the untraced server before, 377k after (``benchmarks/`` quotes the throughput).
+Measured (``benchmarks/server_instructions.py``, a KServe server tracing every request): 536k instructions a
+request more than the untraced server before, 338k after.
 
 The template relies on the SDK's private field names, so a factory is only made when the reference span's
 fields are exactly the ones this module knows (checked per tracer, see :func:`span_factory`); any other SDK
@@ -102,10 +102,10 @@ class SpanFactory:
         cleaned._immutable = True  # shared by every span of the factory until one of them sets an attribute
         processor = tracer.span_processor
         fast = _fast_processors(processor)
-        # The events and links containers are made when a span gets its first one (TemplateSpan._add_event).
         metrics = tracer._tracer_metrics
         # The SDK's span metrics when they are off (the default): start_span returns a function that does nothing.
         self._metrics = None if type(metrics) is _NoOpTracerMetrics else metrics  # noqa: E721
+        # No events or links: a span's containers are made at its first one (TemplateSpan._append).
         self._span_class = type(TemplateSpan)("TemplateSpan", (TemplateSpan,), {
             **shared, "_attributes": cleaned, "_events": (), "_links": (), "_fast": fast, "_record_end_metrics": None,
             "_lock": Lock(), "__slots__": ()})
@@ -176,17 +176,13 @@ class SpanFactory:
         ids = self._ids
         if parent is None:
             flags, trace_state = self._root_flags, None
-        else:
-            trace_id = parent.trace_id
-            flags = _SAMPLED_RANDOM if parent.trace_flags & _RANDOM_BIT else _SAMPLED
-            trace_state = parent.trace_state
-        span_id = _random_id(64) if ids is None else ids.generate_span_id()
+        else:  # a SpanContext, read by index as in start()
+            trace_id = parent[0]
+            flags = _SAMPLED_RANDOM if parent[3] & _RANDOM_BIT else _SAMPLED
+            trace_state = parent[4]
+        span_id = (_getrandbits(64) or _random_id(64)) if ids is None else ids.generate_span_id()
         span = _new(self._span_class)
-        template = self._span_class._attributes
-        own = _new(BoundedAttributes)
-        own.__dict__ = {"_dict": dict(attributes), "maxlen": template.maxlen, "dropped": 0,
-                        "max_value_len": template.max_value_len, "_lock": Lock(), "_immutable": False}
-        span._attributes = own
+        span._attributes = _attributes_like(self._span_class._attributes, dict(attributes), 0)
         span._name = name
         span._kind = kind
         span._context = SpanContext(trace_id, span_id, False, flags, trace_state)
@@ -226,9 +222,7 @@ class TemplateSpan(_Span if Tracer is not None else object):  # type: ignore[mis
         own = state.get("_attributes")
         if own is None:
             shared = type(self)._attributes
-            own = _new(BoundedAttributes)
-            own.__dict__ = {**shared.__dict__, "_dict": dict(shared._dict), "_lock": Lock(), "_immutable": False}
-            state["_attributes"] = own
+            own = state["_attributes"] = _attributes_like(shared, dict(shared._dict), shared.dropped)
         return own
 
     def set_attribute(self, key: str, value: Any) -> None:
@@ -290,6 +284,15 @@ class TemplateSpan(_Span if Tracer is not None else object):  # type: ignore[mis
         if self._record_end_metrics:
             self._record_end_metrics()
         fast[0].on_end(self)
+
+
+def _attributes_like(template: Any, items: dict[str, Any], dropped: int) -> Any:
+    """A mutable ``BoundedAttributes`` with ``template``'s limits holding ``items`` (already clean), as the SDK's
+    constructor would leave it, without cleaning them again."""
+    attributes = _new(BoundedAttributes)
+    attributes.__dict__ = {"_dict": items, "maxlen": template.maxlen, "dropped": dropped,
+                           "max_value_len": template.max_value_len, "_lock": Lock(), "_immutable": False}
+    return attributes
 
 
 def _fast_processors(processor: Any) -> tuple[Any, ...] | None:
