@@ -1,10 +1,11 @@
 """Puts kserve-otel's start-up hook, ``kserve_otel_autostart.pth``, into site-packages, for wheels and for
-editable installs alike, and builds the optional C extensions ``kserve_otel.recording._speedups`` and
-``kserve_otel.export._otlp`` (everything else about the package is in pyproject.toml).
+editable installs alike, and builds the optional C extensions ``kserve_otel.recording._speedups``,
+``kserve_otel.export._otlp`` and ``kserve_otel.spans._spans`` (everything else about the package is in
+pyproject.toml).
 
 The extensions are optional: where one cannot be compiled (no C compiler, a free-threaded Python), the install
-goes on and ``kserve_otel.recording.speedups`` / ``kserve_otel.export.otlp_encoding`` use their pure-Python
-twins. ``KSERVE_OTEL_NO_EXTENSION=1`` skips both.
+goes on and ``kserve_otel.recording.speedups`` / ``kserve_otel.export.otlp_encoding`` /
+``kserve_otel.spans.tracing`` use their pure-Python twins. ``KSERVE_OTEL_NO_EXTENSION=1`` skips all three.
 
 The hook is one line that Python's ``site`` module runs at every interpreter start; it costs a dictionary
 lookup and one ``stat`` unless auto-instrumentation may be on (see ``kserve_otel/_autostart.py``).
@@ -48,6 +49,8 @@ EXTENSIONS = [] if os.environ.get("KSERVE_OTEL_NO_EXTENSION") else [
     Extension("kserve_otel.recording._speedups", ["kserve_otel/recording/_speedups.c"], optional=True,
               extra_compile_args=["-O2"]),
     Extension("kserve_otel.export._otlp", ["kserve_otel/export/_otlp.c"], optional=True,
+              extra_compile_args=["-O2"]),
+    Extension("kserve_otel.spans._spans", ["kserve_otel/spans/_spans.c"], optional=True,
               extra_compile_args=["-O2"]),
 ]
 

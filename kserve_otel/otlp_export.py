@@ -26,7 +26,9 @@ the schedule, batch size, ``force_flush``, ``shutdown`` and its self-observabili
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from time import time_ns
 from typing import Any, NamedTuple
 
 from opentelemetry.exporter.otlp.proto.http import trace_exporter as _sdk_trace_exporter
@@ -37,7 +39,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
 from opentelemetry.trace import SpanContext
 
-from .export.otlp_encoding import EncodedSpan, encode_batch, encode_span, encode_spans
+from .export.otlp_encoding import EncodedSpan, c_end_span, encode_batch, encode_span, encode_spans
 from .spans.span_factory import TemplateSpan
 
 __all__ = ["EncodingBatchSpanProcessor", "FastOTLPSpanExporter"]
@@ -120,16 +122,25 @@ class EncodingBatchSpanProcessor(BatchSpanProcessor):
     is encoded when it ends and queued as one small :class:`~kserve_otel.export.otlp_encoding.EncodedSpan`."""
 
     #: ``on_end`` encodes the span there and then and keeps nothing of it: a tracer whose only processor this is
-    #: may pass it the ended span itself in place of a ``ReadableSpan`` copy (see kserve_otel.spans.span_factory).
+    #: may pass it the ended span itself in place of a ``ReadableSpan`` copy, or have it end the span
+    #: (:attr:`end_span`; see kserve_otel.spans.span_factory).
     encodes_at_end = True
 
     def __init__(self, span_exporter: FastOTLPSpanExporter, *args: Any, **kwargs: Any) -> None:
         if not isinstance(span_exporter, FastOTLPSpanExporter):
             raise TypeError(f"EncodingBatchSpanProcessor exports with a FastOTLPSpanExporter, not {span_exporter!r}")
         super().__init__(span_exporter, *args, **kwargs)
+        #: ``end_span(span, end_time) -> bool``: end a sampled span of the SDK's layout that no other processor
+        #: sees (the tracer's only processor is this one), as ``Span.end(end_time)`` would, then encode and queue
+        #: it as :meth:`on_end` does; false when it had ended already (nothing done, the caller warns).
+        #: :func:`py_end_span`, in C where the extension is built: every step span's end.
+        self.end_span: Callable[[Any, int | None], bool] = partial(
+            c_end_span or py_end_span, EncodedSpan, self._batch_processor.emit, self._encoding_failed)
 
     def on_end(self, span: ReadableSpan) -> None:
-        if isinstance(span, TemplateSpan):  # step and request spans: their fields, past three property calls
+        # Step and request spans: their fields, past three property calls (a class test, not isinstance: the
+        # SDK's span classes are ABCs, whose isinstance is two calls more).
+        if type(span).__base__ is TemplateSpan:
             context, resource, scope = span._context, span._resource, span._instrumentation_scope
         else:
             context, resource, scope = span.context, span.resource, span.instrumentation_scope
@@ -140,10 +151,40 @@ class EncodingBatchSpanProcessor(BatchSpanProcessor):
             # tuple.__new__: the NamedTuple's own __new__ is a Python function, called for every span
             item = _new_tuple(EncodedSpan, (resource, scope or None, encode_span(span)))
         except Exception as error:  # noqa: BLE001 - a span that cannot be encoded is dropped, never raised
-            # The SDK's exporter would fail its whole batch; this loses the one span, and counts it as the
-            # SDK counts a batch it cannot encode: an export of it that failed with this error.
-            _logger.error("Failed to encode span %r, dropping it: %s", span.name, error)
-            with _sdk_parts(self.span_exporter).metrics.export_operation(1) as result:
-                result.error = error
+            self._encoding_failed(span, error)
             return
         self._batch_processor.emit(item)
+
+    def _encoding_failed(self, span: ReadableSpan, error: Exception) -> None:
+        # The SDK's exporter would fail its whole batch; this loses the one span, and counts it as the SDK
+        # counts a batch it cannot encode: an export of it that failed with this error.
+        _logger.error("Failed to encode span %r, dropping it: %s", span.name, error)
+        with _sdk_parts(self.span_exporter).metrics.export_operation(1) as result:
+            result.error = error
+
+
+def py_end_span(encoded: type[EncodedSpan], emit: Callable[[EncodedSpan], None],
+                failed: Callable[[Any, Exception], None], span: Any, end_time: int | None) -> bool:
+    """End ``span`` (a sampled span of the SDK's own layout: a template span of kserve_otel.spans.span_factory)
+    whose tracer's only processor is an :class:`EncodingBatchSpanProcessor`, then queue it encoded.
+
+    The SDK's ``Span.end`` for such a span is: under its lock, set the end time and make the attributes
+    immutable (or warn that it had ended: here ``False`` is returned, for the caller to warn), call its end
+    metrics, hand it to the processors (``on_ending``, a no-op, and ``on_end``). These are the same steps with
+    ``on_end``'s own inlined (the span is sampled by construction): ``encode`` and ``emit`` it, and a span that
+    cannot be encoded goes to ``failed(span, error)`` (logged and counted), never raised. The C extension's
+    ``end_span`` does the same; this is its pure-Python twin."""
+    with span._lock:
+        if span._end_time is not None:
+            return False
+        span._end_time = end_time if end_time is not None else time_ns()
+        span._attributes._immutable = True
+    if span._record_end_metrics:
+        span._record_end_metrics()
+    try:
+        item = _new_tuple(encoded, (span._resource, span._instrumentation_scope or None, encode_span(span)))
+    except Exception as error:  # noqa: BLE001 - a span that cannot be encoded is dropped, never raised
+        failed(span, error)
+        return True
+    emit(item)
+    return True

@@ -124,6 +124,21 @@ def test_same_bytes_as_the_sdk_encoder(implementation: str, make) -> None:
     assert ENCODERS[implementation](many) == sdk_encode_spans(many).SerializeToString()
 
 
+@pytest.mark.parametrize("batch", ["c", "python"])
+@pytest.mark.parametrize("make", [_traced_spans, _hand_made_spans, _own_class_spans, lambda: []],
+                         ids=["traced", "hand-made", "own-classes", "none"])
+def test_a_batch_of_spans_encoded_one_by_one_is_the_sdk_encoders_request(batch: str, make) -> None:
+    """What the encoding processor queues (each span's bytes with its resource and scope) makes, batched, the
+    request the SDK's encoder makes of the spans: same groups in the same order, same bytes."""
+    encode_batch = {"c": otlp_encoding.encode_batch, "python": otlp_encoding.py_encode_batch}[batch]
+    spans = make() * 40  # groups met again after other groups, lengths past one byte's varint
+    items = [otlp_encoding.EncodedSpan(span.resource, span.instrumentation_scope or None,
+                                       otlp_encoding.encode_span(span)) for span in spans]
+    assert encode_batch(items) == sdk_encode_spans(spans).SerializeToString()
+    with pytest.raises((TypeError, ValueError)):  # the exporter fails such a batch, as one it cannot encode
+        encode_batch([("not", "an encoded span")])
+
+
 @pytest.mark.parametrize("implementation", ENCODERS)
 def test_dropped_counts_and_limits_are_written(implementation: str) -> None:
     from opentelemetry.sdk.trace import SpanLimits

@@ -175,6 +175,73 @@ def test_steps_use_a_factory_when_sampling_is_certain(sampler):
     assert step_span.parent == request_span.context and step_span.name == "predict factory-steps"
 
 
+@pytest.mark.parametrize("parent", ["root", "local", "remote"])
+def test_a_step_span_started_in_c_is_the_span_the_python_path_makes(parent, monkeypatch):
+    """With kserve-otel's encoding processor alone on the tracer, a sampled step's span is started and made
+    current in one C call (kserve_otel.spans._spans): the same span, field for field, as the Python path makes
+    (that path forced by taking the C function away), the same context made current, the same bytes exported."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
+    from otlp_receiver import OTLPReceiver
+
+    from kserve_otel.otlp_export import EncodingBatchSpanProcessor, FastOTLPSpanExporter
+
+    assert tracing._start_current is not None, "the C extension kserve_otel.spans._spans is built and used here"
+    parents = {
+        "root": context_api.Context(),
+        "local": trace.set_span_in_context(trace.NonRecordingSpan(SpanContext(
+            0xABC, 0xDEF, False, TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID),
+            TraceState([("k", "v")])))),
+        "remote": trace.set_span_in_context(trace.NonRecordingSpan(SpanContext(0xABC, 0xDEF, True,
+                                                                               TraceFlags(TraceFlags.SAMPLED)))),
+    }
+    with OTLPReceiver() as receiver:
+        processor = EncodingBatchSpanProcessor(FastOTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces"))
+        provider = TracerProvider(resource=Resource.create({"service.name": "c-start"}))
+        provider.add_span_processor(processor)
+        tracing.set_tracer_provider(provider)
+        spans, currents = [], []
+        try:
+            python_start = SpanFactory.start
+            for path in ("c", "python"):
+                if path == "c":  # the Python path must not run
+                    monkeypatch.setattr(SpanFactory, "start", lambda *args: pytest.fail("the Python path ran"))
+                else:
+                    monkeypatch.setattr(SpanFactory, "start", python_start)
+                    monkeypatch.setattr(tracing, "_start_current", None)
+                token = context_api.attach(parents[parent])
+                try:
+                    handle = tracing.start_step_span("predict iris", ATTRIBUTES)
+                    assert handle is not None
+                    currents.append(context_api.get_current())
+                    tracing.end_step_span(handle)
+                finally:
+                    context_api.detach(token)
+                spans.append(handle[0])
+        finally:
+            tracing.set_tracer_provider(None)
+        provider.shutdown()
+        (request,) = receiver.traces
+    c_span, python_span = spans
+    assert type(c_span) is type(python_span) and type(c_span).__base__.__name__ == "TemplateSpan"
+    assert set(c_span.__dict__) == set(python_span.__dict__) == {"_context", "_parent", "_start_time", "_end_time"}
+    same = {key: value for key, value in comparable(python_span).items() if key not in ("span_id", "trace_id")}
+    assert {key: value for key, value in comparable(c_span).items() if key not in ("span_id", "trace_id")} == same
+    assert type(c_span.context) is SpanContext and c_span.context.is_valid and c_span.context.span_id
+    if parent == "root":
+        assert c_span.context.trace_id != python_span.context.trace_id and c_span.parent is None
+    else:
+        assert c_span.context.trace_id == 0xABC and c_span.parent == parents[parent][_span_key()].get_span_context()
+    assert [type(current) for current in currents] == [context_api.Context] * 2
+    assert currents[0].keys() == currents[1].keys() and currents[0][_span_key()] is c_span
+    assert request.SerializeToString() == sdk_encode_spans(spans).SerializeToString()
+
+
+def _span_key() -> str:
+    from opentelemetry.trace.propagation import _SPAN_KEY
+
+    return _SPAN_KEY
+
+
 def test_tracers_the_factory_does_not_know_take_the_sdk_path():
     class OwnTracer(Tracer):
         pass
@@ -390,10 +457,11 @@ def test_the_only_processor_gets_the_ended_span_and_the_receiver_the_sdks_bytes(
         factory = span_factory(tracer, "predict iris", ATTRIBUTES)
         assert factory._span_class._fast == (processor,)
         ended = []
-        original = processor.on_end
+        original, original_end = processor.on_end, processor.end_span
         processor.on_end = lambda span: (ended.append(span), original(span))[1]
+        processor.end_span = lambda span, at: (ended.append(span), original_end(span, at))[1]
         live = [_used(factory.start(context_api.Context()), n) for n in range(12)]
-        assert ended == live  # the spans themselves, no ReadableSpan copies
+        assert ended == live  # the spans themselves, no ReadableSpan copies, ended by the processor
         # a processor added while a span runs sees its end as from the SDK, and the fast path steps aside
         running = factory.start(context_api.Context())
         memory = InMemorySpanExporter()
@@ -404,6 +472,49 @@ def test_the_only_processor_gets_the_ended_span_and_the_receiver_the_sdks_bytes(
         provider.shutdown()
         (request,) = receiver.traces
     assert request.SerializeToString() == sdk_encode_spans([*live, running]).SerializeToString()
+
+
+@pytest.mark.parametrize("implementation", ["c", "python"])
+def test_the_processors_end_of_a_span_is_the_sdks_end(implementation, caplog):
+    """The encoding processor's end_span (C, and its Python twin) ends a template span as Span.end does: the end
+    time given or now, the end metrics called once, a second end warned about and ignored; a span it cannot
+    encode is logged and dropped, never raised; the receiver gets the SDK encoder's bytes of the others."""
+    from functools import partial
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
+    from otlp_receiver import OTLPReceiver
+
+    from kserve_otel.export import otlp_encoding
+    from kserve_otel.otlp_export import EncodingBatchSpanProcessor, FastOTLPSpanExporter, py_end_span
+
+    with OTLPReceiver() as receiver:
+        processor = EncodingBatchSpanProcessor(FastOTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces"))
+        assert processor.end_span.func is (otlp_encoding.c_end_span or py_end_span)
+        if implementation == "python":
+            processor.end_span = partial(py_end_span, *processor.end_span.args)
+        elif otlp_encoding.c_end_span is None:
+            pytest.fail("the C extension is not built")
+        provider = TracerProvider(resource=Resource.create({"service.name": "fast"}))
+        provider.add_span_processor(processor)
+        factory = span_factory(provider.get_tracer("kserve-otel-test", "1"), "predict iris", ATTRIBUTES)
+        first, timed, broken = (factory.start(context_api.Context()) for _ in range(3))
+        metrics: list[str] = []
+        first._record_end_metrics = lambda: metrics.append("ended")
+        first.set_attribute("rows", 2)
+        first.end()
+        first.end()
+        assert metrics == ["ended"] and caplog.text.count("Calling end() on an ended span.") == 1
+        assert first.start_time <= first.end_time and not first.is_recording()
+        timed.end(end_time=timed.start_time + 5)
+        assert timed.end_time == timed.start_time + 5
+        broken._start_time = "not a time"
+        broken.end()  # nothing raised
+        assert "Failed to encode span 'predict iris', dropping it" in caplog.text
+        with pytest.raises(TypeError):  # ended: its attributes are immutable, as the SDK leaves them
+            first._attributes["late"] = 1
+        provider.shutdown()
+        (request,) = receiver.traces
+    assert request.SerializeToString() == sdk_encode_spans([first, timed]).SerializeToString()
 
 
 def test_a_user_processors_on_start_keeps_the_sdk_path():

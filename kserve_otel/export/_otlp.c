@@ -25,6 +25,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #ifdef Py_GIL_DISABLED
 #error "kserve_otel.export._otlp relies on the GIL; the pure-Python otlp_encoding is used instead"
@@ -1075,8 +1076,32 @@ index_of(PyObject *dict, PyObject *key, Py_ssize_t next, int *added)
     return next;
 }
 
+/* The resource and scope (None where falsy) of a span, or of an EncodedSpan (resource, scope, data) when
+ * `encoded`: new references. */
 static int
-group_spans(PyObject *fast, Groups *g)
+resource_and_scope(PyObject *item, int encoded, PyObject **resource, PyObject **scope)
+{
+    if (encoded) {
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(item, 2))) {
+            PyErr_SetString(PyExc_TypeError, "encode_batch: items must be EncodedSpan(resource, scope, bytes)");
+            return -1;
+        }
+        *resource = Py_NewRef(PyTuple_GET_ITEM(item, 0));
+        *scope = Py_NewRef(PyTuple_GET_ITEM(item, 1));
+    } else if ((*resource = PyObject_GetAttr(item, s_resource)) == NULL ||
+               (*scope = PyObject_GetAttr(item, s_instrumentation_scope)) == NULL) {
+        return -1;
+    }
+    int truth = PyObject_IsTrue(*scope);
+    if (truth < 0)
+        return -1;
+    if (!truth)
+        Py_SETREF(*scope, Py_NewRef(Py_None));
+    return 0;
+}
+
+static int
+group_spans(PyObject *fast, Groups *g, int encoded)
 {
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
     size_t count = n > 0 ? (size_t)n : 1;
@@ -1097,15 +1122,8 @@ group_spans(PyObject *fast, Groups *g)
     Py_ssize_t r = -1, s = -1;
     int rc = -1, added;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *span = PySequence_Fast_GET_ITEM(fast, i);
-        if ((resource = PyObject_GetAttr(span, s_resource)) == NULL ||
-            (scope = PyObject_GetAttr(span, s_instrumentation_scope)) == NULL)
+        if (resource_and_scope(PySequence_Fast_GET_ITEM(fast, i), encoded, &resource, &scope) < 0)
             goto done;
-        int truth = PyObject_IsTrue(scope);
-        if (truth < 0)
-            goto done;
-        if (!truth)
-            Py_SETREF(scope, Py_NewRef(Py_None));
         if (resource != last_resource) {
             if ((r = index_of(by_resource, resource, g->nresources, &added)) < 0)
                 goto done;
@@ -1158,7 +1176,7 @@ done:
 /* ------------------------------------------------------------------------------------------------ module */
 
 static int
-encode_into(Buf *b, PyObject *fast, Groups *g)
+encode_into(Buf *b, PyObject *fast, Groups *g, int encoded)
 {
     for (Py_ssize_t r = 0; r < g->nresources; r++) {
         PyObject *resource = g->resources[r].resource;
@@ -1178,9 +1196,20 @@ encode_into(Buf *b, PyObject *fast, Groups *g)
             if (close_field(b, at, 1) < 0)
                 return -1;
             for (Py_ssize_t i = g->scopes[s].first; i >= 0; i = g->span_next[i]) {
-                if ((at = open_field(b, 0x12, 2)) < 0 || put_span(b, PySequence_Fast_GET_ITEM(fast, i)) < 0 ||
-                    close_field(b, at, 2) < 0)
+                PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+                if (encoded) { /* an EncodedSpan: its span's bytes, checked by resource_and_scope */
+                    PyObject *data = PyTuple_GET_ITEM(item, 2);
+                    Py_ssize_t size = PyBytes_GET_SIZE(data);
+                    if (grow(b, 11 + size) < 0)
+                        return -1;
+                    unsigned char *to = b->data + b->len;
+                    *to++ = 0x12;
+                    to = write_varint(to, (uint64_t)size);
+                    memcpy(to, PyBytes_AS_STRING(data), (size_t)size);
+                    b->len = to + size - b->data;
+                } else if ((at = open_field(b, 0x12, 2)) < 0 || put_span(b, item) < 0 || close_field(b, at, 2) < 0) {
                     return -1;
+                }
             }
             if ((scope != Py_None && put_string_attr(b, scope, s_schema_url, 0x1a) < 0) || close_field(b, ss, 3) < 0)
                 return -1;
@@ -1192,7 +1221,7 @@ encode_into(Buf *b, PyObject *fast, Groups *g)
 }
 
 static PyObject *
-otlp_encode_spans(PyObject *Py_UNUSED(module), PyObject *spans)
+encode_request(PyObject *spans, int encoded)
 {
     if (lookup_constants() < 0)
         return NULL;
@@ -1208,13 +1237,25 @@ otlp_encode_spans(PyObject *Py_UNUSED(module), PyObject *spans)
     Groups groups = {0};
     Buf b = {0};
     PyObject *result = NULL;
-    if (group_spans(fast, &groups) == 0 && grow(&b, 320 * PySequence_Fast_GET_SIZE(fast) + 64) == 0 &&
-        encode_into(&b, fast, &groups) == 0)
+    if (group_spans(fast, &groups, encoded) == 0 && grow(&b, 320 * PySequence_Fast_GET_SIZE(fast) + 64) == 0 &&
+        encode_into(&b, fast, &groups, encoded) == 0)
         result = PyBytes_FromStringAndSize((const char *)b.data, b.len);
     groups_free(&groups);
     PyMem_Free(b.data);
     Py_DECREF(fast);
     return result;
+}
+
+static PyObject *
+otlp_encode_spans(PyObject *Py_UNUSED(module), PyObject *spans)
+{
+    return encode_request(spans, 0);
+}
+
+static PyObject *
+otlp_encode_batch(PyObject *Py_UNUSED(module), PyObject *items)
+{
+    return encode_request(items, 1);
 }
 
 static PyObject *
@@ -1230,10 +1271,154 @@ otlp_encode_span(PyObject *Py_UNUSED(module), PyObject *span)
     return result;
 }
 
+/* ------------------------------------------------------------------------------------------- span end */
+
+static PyObject *s__lock, *s_acquire, *s_release, *s__immutable, *s__record_end_metrics, *s__resource,
+    *s__instrumentation_scope;
+
+/* time.time_ns(): the clock the SDK's Span.end reads. */
+static PyObject *
+now_ns(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
+}
+
+/* Under the span's lock: set _end_time (end_time, else now) unless already set, and make its attributes
+ * immutable, as the SDK's Span.end does. 1: ended here, 0: it had ended already, -1: error. */
+static int
+mark_ended(PyObject *span, PyObject *end_time)
+{
+    PyObject *lock = PyObject_GetAttr(span, s__lock);
+    if (lock == NULL)
+        return -1;
+    PyObject *r = PyObject_CallMethodNoArgs(lock, s_acquire);
+    if (r == NULL) {
+        Py_DECREF(lock);
+        return -1;
+    }
+    Py_DECREF(r);
+    int result = -1;
+    PyObject *ended = PyObject_GetAttr(span, s__end_time);
+    if (ended != NULL) {
+        if (ended != Py_None) {
+            result = 0;
+        } else {
+            PyObject *at = end_time != Py_None ? Py_NewRef(end_time) : now_ns();
+            PyObject *attributes = NULL;
+            if (at != NULL && PyObject_SetAttr(span, s__end_time, at) == 0 &&
+                (attributes = PyObject_GetAttr(span, s__attributes)) != NULL &&
+                PyObject_SetAttr(attributes, s__immutable, Py_True) == 0)
+                result = 1;
+            Py_XDECREF(at);
+            Py_XDECREF(attributes);
+        }
+        Py_DECREF(ended);
+    }
+    /* Release even when something above failed, keeping that error. */
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    r = PyObject_CallMethodNoArgs(lock, s_release);
+    Py_DECREF(lock);
+    if (r == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        return -1;
+    }
+    Py_DECREF(r);
+    PyErr_Restore(type, value, traceback);
+    return result;
+}
+
+/* end_span(encoded_type, emit, failed, span, end_time) -> bool: see kserve_otel.otlp_export.py_end_span, the
+ * same steps in Python. */
+static PyObject *
+otlp_end_span(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "end_span(encoded_type, emit, failed, span, end_time)");
+        return NULL;
+    }
+    PyObject *encoded_type = args[0], *emit = args[1], *failed = args[2], *span = args[3], *end_time = args[4];
+    if (!PyType_Check(encoded_type) || !PyType_IsSubtype((PyTypeObject *)encoded_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "end_span: encoded_type must be a tuple type");
+        return NULL;
+    }
+    if (lookup_constants() < 0)
+        return NULL;
+    int ended = mark_ended(span, end_time);
+    if (ended <= 0)
+        return ended < 0 ? NULL : Py_NewRef(Py_False);
+    PyObject *metrics = PyObject_GetAttr(span, s__record_end_metrics);
+    if (metrics == NULL)
+        return NULL;
+    if (metrics != Py_None) {
+        int truth = PyObject_IsTrue(metrics);
+        PyObject *r = truth > 0 ? PyObject_CallNoArgs(metrics) : NULL;
+        Py_DECREF(metrics);
+        if (truth < 0 || (truth > 0 && r == NULL))
+            return NULL;
+        Py_XDECREF(r);
+    } else {
+        Py_DECREF(metrics);
+    }
+    Buf b = {0};
+    PyObject *bytes = NULL;
+    if (grow(&b, 320) == 0 && put_span(&b, span) == 0)
+        bytes = PyBytes_FromStringAndSize((const char *)b.data, b.len);
+    PyMem_Free(b.data);
+    PyObject *resource = NULL, *scope = NULL, *fields = NULL, *item = NULL;
+    if (bytes != NULL && (resource = PyObject_GetAttr(span, s__resource)) != NULL &&
+        (scope = PyObject_GetAttr(span, s__instrumentation_scope)) != NULL) {
+        int truth = PyObject_IsTrue(scope);
+        if (truth >= 0) {
+            if (!truth)
+                Py_SETREF(scope, Py_NewRef(Py_None));
+            fields = PyTuple_Pack(3, resource, scope, bytes);
+            PyObject *packed = fields == NULL ? NULL : PyTuple_Pack(1, fields);
+            item = packed == NULL ? NULL : PyTuple_Type.tp_new((PyTypeObject *)encoded_type, packed, NULL);
+            Py_XDECREF(packed);
+        }
+    }
+    Py_XDECREF(bytes);
+    Py_XDECREF(resource);
+    Py_XDECREF(scope);
+    Py_XDECREF(fields);
+    PyObject *r;
+    if (item == NULL) {
+        /* The span cannot be encoded: dropped and counted by failed(span, error), never raised. */
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        PyErr_NormalizeException(&type, &value, &traceback);
+        r = PyObject_CallFunctionObjArgs(failed, span, value, NULL);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+    } else {
+        r = PyObject_CallOneArg(emit, item);
+        Py_DECREF(item);
+    }
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    return Py_NewRef(Py_True);
+}
+
 static PyMethodDef otlp_methods[] = {
+    {"end_span", (PyCFunction)(void (*)(void))otlp_end_span, METH_FASTCALL,
+     PyDoc_STR("end_span(encoded_type, emit, failed, span, end_time) -> bool: end a span that no processor but an "
+               "encoding one sees, encode it and emit it; see kserve_otel.otlp_export.py_end_span.")},
     {"encode_span", otlp_encode_span, METH_O,
      PyDoc_STR("encode_span(span) -> bytes: the fields of one OTLP Span message of an SDK ReadableSpan, as "
                "encode_spans writes them inside its ScopeSpans.")},
+    {"encode_batch", otlp_encode_batch, METH_O,
+     PyDoc_STR("encode_batch(items) -> bytes: the serialised OTLP ExportTraceServiceRequest of EncodedSpan items "
+               "(resource, scope, the bytes of encode_span), grouped as encode_spans groups spans.")},
     {"encode_spans", otlp_encode_spans, METH_O,
      PyDoc_STR("encode_spans(spans) -> bytes: the serialised OTLP ExportTraceServiceRequest of SDK ReadableSpans, "
                "the bytes of the SDK's encode_spans(spans).SerializeToString().")},
@@ -1297,5 +1482,12 @@ PyInit__otlp(void)
     INTERN(s__status, "_status");
     INTERN(s__status_code, "_status_code");
     INTERN(s__description, "_description");
+    INTERN(s__lock, "_lock");
+    INTERN(s_acquire, "acquire");
+    INTERN(s_release, "release");
+    INTERN(s__immutable, "_immutable");
+    INTERN(s__record_end_metrics, "_record_end_metrics");
+    INTERN(s__resource, "_resource");
+    INTERN(s__instrumentation_scope, "_instrumentation_scope");
     return PyModule_Create(&otlp_module);
 }

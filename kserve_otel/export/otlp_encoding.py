@@ -43,8 +43,8 @@ from typing import Any, NamedTuple
 
 from opentelemetry.trace import SpanKind
 
-__all__ = ["IMPLEMENTATION", "EncodedSpan", "encode_batch", "encode_span", "encode_spans", "py_encode_span",
-           "py_encode_spans"]
+__all__ = ["IMPLEMENTATION", "EncodedSpan", "encode_batch", "encode_span", "encode_spans", "py_encode_batch",
+           "py_encode_span", "py_encode_spans"]
 
 _logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def py_encode_span(span: Any) -> bytes:
     return bytes(_span(span))
 
 
-def encode_batch(items: Iterable[EncodedSpan]) -> bytes:
+def py_encode_batch(items: Iterable[EncodedSpan]) -> bytes:
     """The serialised ``ExportTraceServiceRequest`` of spans encoded one by one: the bytes that
     :func:`encode_spans` gives for the spans themselves, in the same order."""
     groups: dict[Any, dict[Any, list[bytes]]] = {}
@@ -291,16 +291,18 @@ def encode_batch(items: Iterable[EncodedSpan]) -> bytes:
 
 def py_encode_spans(spans: Iterable[Any]) -> bytes:
     """The serialised ``ExportTraceServiceRequest`` of ``spans`` (SDK ``ReadableSpan`` objects), in pure Python."""
-    return encode_batch([(span.resource, span.instrumentation_scope or None, _span(span)) for span in spans])
+    return py_encode_batch([(span.resource, span.instrumentation_scope or None, _span(span)) for span in spans])
 
 
 try:
     if os.environ.get("KSERVE_OTEL_NO_EXTENSION"):
         raise ImportError("KSERVE_OTEL_NO_EXTENSION is set")
-    from ._otlp import encode_span, encode_spans  # type: ignore[import-not-found]
+    from ._otlp import encode_batch, encode_span, encode_spans  # type: ignore[import-not-found]
+    from ._otlp import end_span as c_end_span  # type: ignore[import-not-found]
 
     #: Which implementation :func:`encode_spans` is: ``"c"`` (the extension) or ``"python"``.
     IMPLEMENTATION = "c"
 except ImportError:
-    encode_span, encode_spans = py_encode_span, py_encode_spans
+    encode_batch, encode_span, encode_spans = py_encode_batch, py_encode_span, py_encode_spans
+    c_end_span = None
     IMPLEMENTATION = "python"

@@ -15,9 +15,13 @@ first change (the SDK methods that change them are wrapped to copy first), so no
 
 Ending is the SDK's ``Span.end``, except where the tracer's only processor is one that encodes a span as it
 ends and keeps nothing of it (kserve-otel's ``EncodingBatchSpanProcessor``, which says so by a true
-``encodes_at_end``): then start skips the processors' no-op ``on_start``, and end gives that processor the
-ended span itself, with no ``ReadableSpan`` copy and no loop over processors. A processor added later, while
-spans run, puts their ends back on the SDK's path (``TemplateSpan.end`` checks the processors each time).
+``encodes_at_end`` and offers ``end_span``): then start skips the processors' no-op ``on_start``, and end has
+that processor end the span itself (the SDK's end steps and its ``on_end`` in one call, in C where the
+extension is built), with no ``ReadableSpan`` copy and no loop over processors. A processor added later,
+while spans run, puts their ends back on the SDK's path (``TemplateSpan.end`` checks the processors each
+time). In that case too, where the tracer's id generator is the SDK's and its span metrics are off, a step's
+span is started and made current in one C call (:attr:`SpanFactory.fast_start`, used by
+:mod:`kserve_otel.spans.tracing` with the extension ``kserve_otel.spans._spans``).
 Measured (``benchmarks/server_instructions.py``, a KServe server tracing every request): 536k instructions a
 request more than the untraced server before, 338k after.
 
@@ -56,7 +60,8 @@ try:
 except ImportError:  # pragma: no cover - the SDK is a dependency; without it every span takes the API path
     Tracer = None  # type: ignore[assignment,misc]
 
-__all__ = ["SpanFactory", "SpanIds", "TemplateSpan", "span_factory", "start_sampled_span", "supports"]
+__all__ = ["CONTEXT_FIELD", "SpanFactory", "SpanIds", "TemplateSpan", "context_field_readers", "span_factory",
+           "start_sampled_span", "supports"]
 
 #: The fields of an SDK span this module fills, and of its containers: any other set means another SDK layout.
 _SPAN_FIELDS = frozenset({
@@ -80,6 +85,7 @@ _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _UNSAMPLED_RANDOM = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
 #: Attribute value types the SDK's cleaning keeps as they are (without a value length limit).
 _PLAIN_TYPES = frozenset({str, bool, int, float})
+_STR_ONLY = frozenset({str})
 #: The request-span factory of each tracer (``None``: the tracer takes the SDK path), by ``id`` (the factory
 #: holds its tracer, so the id stays that tracer's).
 _request_factories: dict[int, SpanFactory | None] = {}
@@ -92,7 +98,7 @@ _ENDED: Any = object()
 class SpanFactory:
     """Starts sampled INTERNAL spans of one name and one set of attributes for one SDK tracer."""
 
-    __slots__ = ("tracer", "attributes", "_span_class", "_metrics", "_processor", "_ids", "_root_flags")
+    __slots__ = ("tracer", "attributes", "fast_start", "_span_class", "_metrics", "_processor", "_ids", "_root_flags")
 
     def __init__(self, tracer: Any, name: str, attributes: dict[str, Any], reference: Any) -> None:
         self.tracer = tracer
@@ -113,6 +119,11 @@ class SpanFactory:
         ids = tracer.id_generator
         self._ids = None if type(ids) is RandomIdGenerator else ids  # noqa: E721 - its exact behaviour is copied
         self._root_flags = _SAMPLED_RANDOM if ids.is_trace_id_random() else _SAMPLED
+        #: ``(span class, tracer, root flags)`` where :meth:`start` is nothing but the making of a span of the
+        #: template (the SDK's own id generator, no span metrics): what kserve_otel.spans._spans.start_current
+        #: needs to do the same in C (it checks the processors and that the tracer is enabled itself); else None.
+        self.fast_start = (self._span_class, tracer, self._root_flags) if self._ids is None and self._metrics is None \
+            else None
 
     def start(self, parent_context: Any, parent: Any = _FROM_CONTEXT, trace_id: int = 0) -> Any:
         """A started, sampled span, child of the span in ``parent_context``: the current OpenTelemetry
@@ -124,7 +135,7 @@ class SpanFactory:
         was made for (from :class:`SpanIds` of this tracer). Without them the parent is read from the context
         and a root gets a new trace id."""
         tracer = self.tracer
-        if not tracer._is_enabled():
+        if not tracer._tracer_config.is_enabled:  # tracer._is_enabled(), one call fewer (the SDK's Tracer only)
             return tracer.start_span(self._span_class._name, attributes=self.attributes)
         if parent is _FROM_CONTEXT:
             parent_span = parent_context.get(_SPAN_KEY)
@@ -161,12 +172,9 @@ class SpanFactory:
         if template.max_value_len is not None or (template.maxlen is not None
                                                   and len(attributes) > template.maxlen):
             return False
-        if not _PLAIN_TYPES.issuperset(map(type, attributes.values())):
-            return False
-        for key in attributes:
-            if type(key) is not str or not key:
-                return False
-        return True
+        # Set operations over the types, in C: a request's dozen attributes pass here on every traced request.
+        return (_PLAIN_TYPES.issuperset(map(type, attributes.values())) and _STR_ONLY.issuperset(map(type, attributes))
+                and "" not in attributes)
 
     def start_request(self, name: str, kind: trace.SpanKind, context: Any, parent: Any, trace_id: int,
                       attributes: dict[str, Any]) -> Any:
@@ -274,16 +282,29 @@ class TemplateSpan(_Span if Tracer is not None else object):  # type: ignore[mis
         fast = self._fast
         if fast is None or self._span_processor._span_processors is not fast:
             super().end(end_time)
-            return
-        with self._lock:
-            if self._end_time is not None:
-                _sdk_logger.warning("Calling end() on an ended span.")
-                return
-            self._end_time = end_time if end_time is not None else time_ns()
-            self._attributes._immutable = True
-        if self._record_end_metrics:
-            self._record_end_metrics()
-        fast[0].on_end(self)
+        elif not fast[0].end_span(self, end_time):  # the SDK's steps, see _fast_processors
+            _sdk_logger.warning("Calling end() on an ended span.")
+
+
+def context_field_readers() -> frozenset[Any]:
+    """The ``get_span_context`` functions known to return the span's ``_context`` field and nothing else:
+    :class:`TemplateSpan`'s, the SDK span's and ``NonRecordingSpan``'s (each checked on a span of its own)."""
+    from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan
+
+    readers = set()
+    for span in (NonRecordingSpan(INVALID_SPAN_CONTEXT),) + (() if Tracer is None else (
+            _new(TemplateSpan), _Span("probe", SpanContext(1, 1, False, _SAMPLED)))):
+        if not hasattr(span, "_context"):
+            span._context = SpanContext(1, 1, False, _SAMPLED)
+        if span.get_span_context() is span._context:
+            readers.add(type(span).get_span_context)
+    return frozenset(readers)
+
+
+#: ``get_span_context`` functions of span classes whose span context is their ``_context`` field: where
+#: ``type(span).get_span_context in CONTEXT_FIELD``, ``span._context`` is read in place of the call (one Python
+#: call saved per step and span end). A subclass that overrides ``get_span_context`` has another function.
+CONTEXT_FIELD = context_field_readers()
 
 
 def _attributes_like(template: Any, items: dict[str, Any], dropped: int) -> Any:
@@ -298,12 +319,14 @@ def _attributes_like(template: Any, items: dict[str, Any], dropped: int) -> Any:
 def _fast_processors(processor: Any) -> tuple[Any, ...] | None:
     """The SDK multi-processor's tuple of processors when it holds exactly one, which encodes each span as it
     ends and keeps nothing of it (a true ``encodes_at_end`` attribute: it may be given the ended span in place
-    of its ``ReadableSpan`` copy) and whose ``on_start`` and ``_on_ending`` are the SDK's no-ops; else ``None``."""
+    of its ``ReadableSpan`` copy), whose ``on_start`` and ``_on_ending`` are the SDK's no-ops, and which ends a
+    span itself (``end_span(span, end_time)``: the SDK's ``Span.end`` with that processor's ``on_end``, false
+    if the span had ended already; kserve_otel.otlp_export.py_end_span); else ``None``."""
     processors = getattr(processor, "_span_processors", None)
     if type(processors) is not tuple or len(processors) != 1:
         return None
     (only,) = processors
-    if getattr(only, "encodes_at_end", False) is not True:
+    if getattr(only, "encodes_at_end", False) is not True or not callable(getattr(only, "end_span", None)):
         return None
     kind = type(only)
     if getattr(kind, "on_start", None) is not _noop_on_start or getattr(kind, "_on_ending", None) is not _noop_on_ending:
@@ -355,7 +378,8 @@ def span_factory(tracer: Any, name: str, attributes: dict[str, Any]) -> SpanFact
     the SDK's own (or the SDK's span layout is not the one this module knows): then use ``tracer.start_span``."""
     if Tracer is None or type(tracer) is not Tracer:  # noqa: E721 - a subclass may start spans its own way
         return None
-    if not callable(getattr(tracer, "_is_enabled", None)) or not hasattr(tracer, "_tracer_metrics"):
+    if (not callable(getattr(tracer, "_is_enabled", None)) or not hasattr(tracer, "_tracer_metrics")
+            or tracer._is_enabled() is not getattr(getattr(tracer, "_tracer_config", None), "is_enabled", None)):
         return None  # an SDK without the tracer configuration and span metrics this module reproduces
     try:
         reference = _Span(
@@ -394,7 +418,7 @@ def start_sampled_span(
     sample" for ``trace_id`` (the SDK's own steps after the sampler's, in its order): for a request span, whose
     kind and attributes vary. ``parent`` is the valid parent ``SpanContext`` found in ``context`` (``None`` for a
     root, whose ``trace_id`` was drawn from ``ids``); ``tracer`` must be one that :func:`supports` accepts."""
-    if not tracer._is_enabled():
+    if not tracer._tracer_config.is_enabled:  # tracer._is_enabled(), inlined as in SpanFactory.start
         return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
     factory = _request_factories.get(id(tracer), _UNKNOWN)
     if factory is _UNKNOWN:

@@ -264,6 +264,10 @@ def _context_reader() -> Callable[[], context_api.Context]:
 
 _current_context = _context_reader()
 
+#: ``get_span_context`` functions that return the span's ``_context`` field (see
+#: :data:`kserve_otel.spans.span_factory.CONTEXT_FIELD`): the field is read in place of the call.
+_CONTEXT_FIELD = _factory.CONTEXT_FIELD
+
 
 def _context_writers() -> tuple[Callable[[context_api.Context], Any], Callable[[Any], None]]:
     """``(attach, reset)``: the runtime context's own ContextVar's ``set`` and ``reset`` where its ``attach``
@@ -281,6 +285,28 @@ def _context_writers() -> tuple[Callable[[context_api.Context], Any], Callable[[
 
 _attach, _reset = _context_writers()
 _Context = context_api.Context
+_DEFAULT_TRACE_STATE = trace.DEFAULT_TRACE_STATE
+
+
+def _c_start_current() -> Callable[..., SpanHandle | None] | None:
+    """``kserve_otel.spans._spans.start_current`` (a step span from its template, started and made current in
+    one C call), where the extension is built and allowed and the runtime context is the API's default one
+    (whose ContextVar it sets); else ``None``: the Python path."""
+    if os.environ.get("KSERVE_OTEL_NO_EXTENSION") or getattr(_attach, "__self__", None) is None:
+        return None
+    try:
+        from . import _spans  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    import random
+
+    flags = trace.TraceFlags
+    _spans.bind(SpanContext, _Context, flags(flags.SAMPLED), flags(flags.SAMPLED | flags.RANDOM_TRACE_ID),
+                random.getrandbits, _attach.__self__, _SPAN_KEY)
+    return _spans.start_current
+
+
+_start_current = _c_start_current()
 
 
 def _make_current(span: Span, context: context_api.Context) -> object:
@@ -304,11 +330,16 @@ def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
 
     ``attributes`` must not change after the first call with it: spans of one (name, attributes dict) are made
     from one template."""
-    # The prologue of _provider_state, inlined: this is every step's path, metrics-only included.
-    provider = current_provider()
+    # The prologue of _provider_state with current_provider inlined: this is every step's path, metrics-only
+    # included, and each Python call saved is one on every step.
+    provider = _explicit_provider
+    if provider is None:
+        provider = trace._TRACER_PROVIDER
+        if provider is None and not _PROVIDER_FROM_ENVIRONMENT:
+            provider = _PROXY_PROVIDER
     state = _state
     if provider is not state.provider:
-        state = _analyse(provider)
+        state = _analyse(current_provider())
     mode = state.mode
     if mode == _OFF:
         return None
@@ -323,8 +354,9 @@ def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
             # As ParentBased / TraceIdRatioBased decide. SpanContext is a tuple (trace_id, span_id, is_remote,
             # trace_flags, trace_state, is_valid): indexing it saves property calls on every step under an
             # unsampled parent, the commonest case when tracing samples a fraction (tests/test_steps.py checks
-            # the layout).
-            parent = span.get_span_context()
+            # the layout). Spans of the classes whose get_span_context() returns their _context field are read
+            # there: the request span and step spans of this package, the SDK's non-recording span.
+            parent = span._context if type(span).get_span_context in _CONTEXT_FIELD else span.get_span_context()
             if parent[5]:
                 trace_id = parent[0]
                 if trace_id & _LOW_64 < (state.remote if parent[2] else state.local)[parent[3] & 1]:
@@ -357,13 +389,20 @@ def _sampled_step(state: _ProviderState, name: str, attributes: dict[str, Any], 
         factory = factories.setdefault(key, _factory.span_factory(state.tracer, name, attributes)) \
             if len(factories) < _MAX_FACTORIES else None
     if factory is not None:
+        fast = factory.fast_start
+        if fast is not None and _start_current is not None:  # in C: the same span, made current, or None
+            handle = _start_current(fast[0], fast[1], context, parent, trace_id, fast[2], _DEFAULT_TRACE_STATE)
+            if handle is not None:
+                return handle
         span = factory.start(context, parent, trace_id)
     else:
         span = _factory.start_sampled_span(
             state.tracer, state.ids, name, None, parent, trace_id,  # type: ignore[arg-type]
             trace.SpanKind.INTERNAL, attributes,
         )
-    return span, _make_current(span, context)
+    values = context.copy()  # _make_current(span, context), inlined: every sampled step passes here
+    values[_SPAN_KEY] = span
+    return span, _attach(_Context(values))
 
 
 def _dropped(
@@ -401,7 +440,8 @@ def start_server_span(
     if mode == _DECIDED:
         context = parent if parent is not None else _current_context()
         span = context.get(_SPAN_KEY)
-        parent_span = span.get_span_context() if span is not None else None
+        parent_span = None if span is None else (
+            span._context if type(span).get_span_context in _CONTEXT_FIELD else span.get_span_context())
         if parent_span is not None and parent_span[5]:
             trace_id = parent_span[0]
             if trace_id & _LOW_64 >= (state.remote if parent_span[2] else state.local)[parent_span[3] & 1]:
@@ -442,7 +482,10 @@ def end_server_span(span: Span | None, token: object, error: BaseException | Non
 def end_step_span(handle: SpanHandle, error: BaseException | None = None) -> None:
     """End a span from :func:`start_step_span`, recording ``error`` (if any) with error status."""
     span, token = handle
-    _detach(token)
+    try:
+        _reset(token)  # _detach(token), inlined: every sampled step passes here
+    except Exception:  # noqa: BLE001 - as the API's detach: "Failed to detach context", logged
+        context_api.detach(token)
     if error is not None:
         _record_error(span, error)
     span.end()
