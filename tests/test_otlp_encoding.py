@@ -366,3 +366,29 @@ def test_a_traced_server_queues_encoded_spans(monkeypatch) -> None:
 
     assert telemetry._batching(telemetry._span_exporter("otlp")) is EncodingBatchSpanProcessor
     assert telemetry._batching(InMemorySpanExporter()) is BatchSpanProcessor
+
+
+@pytest.mark.parametrize("arguments, environment, expected", [
+    ({}, {}, (2048, 8192)),  # kserve-otel's defaults: a quarter of the SDK's exports (see otlp_export)
+    ({}, {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "100", "OTEL_BSP_MAX_QUEUE_SIZE": "300"}, (100, 300)),
+    ({}, {"OTEL_BSP_MAX_QUEUE_SIZE": "1000"}, (1000, 1000)),  # a batch never larger than the queue
+    ({}, {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "64"}, (64, 8192)),
+    ({"max_export_batch_size": 10, "max_queue_size": 20}, {"OTEL_BSP_MAX_QUEUE_SIZE": "1000"}, (10, 20)),
+])
+def test_the_encoding_processor_batches_as_asked_else_by_its_defaults(arguments, environment, expected,
+                                                                        monkeypatch) -> None:
+    """Arguments first, then OTEL_BSP_MAX_EXPORT_BATCH_SIZE / OTEL_BSP_MAX_QUEUE_SIZE, then kserve-otel's own
+    defaults: what the SDK's batch processor then holds."""
+    from kserve_otel.otlp_export import EncodingBatchSpanProcessor
+
+    for name in ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_QUEUE_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    processor = EncodingBatchSpanProcessor(FastOTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces"),
+                                           **arguments)
+    try:
+        batching = processor._batch_processor
+        assert (batching._max_export_batch_size, batching._max_queue_size) == expected
+    finally:
+        processor.shutdown()
