@@ -1220,6 +1220,18 @@ encode_into(Buf *b, PyObject *fast, Groups *g, int encoded)
     return 0;
 }
 
+/* The fields of one Span message of `span`, as bytes. */
+static PyObject *
+span_bytes(PyObject *span)
+{
+    Buf b = {0};
+    PyObject *result = NULL;
+    if (grow(&b, 320) == 0 && put_span(&b, span) == 0)
+        result = PyBytes_FromStringAndSize((const char *)b.data, b.len);
+    PyMem_Free(b.data);
+    return result;
+}
+
 static PyObject *
 encode_request(PyObject *spans, int encoded)
 {
@@ -1263,12 +1275,7 @@ otlp_encode_span(PyObject *Py_UNUSED(module), PyObject *span)
 {
     if (lookup_constants() < 0)
         return NULL;
-    Buf b = {0};
-    PyObject *result = NULL;
-    if (grow(&b, 320) == 0 && put_span(&b, span) == 0)
-        result = PyBytes_FromStringAndSize((const char *)b.data, b.len);
-    PyMem_Free(b.data);
-    return result;
+    return span_bytes(span);
 }
 
 /* ------------------------------------------------------------------------------------------- span end */
@@ -1365,28 +1372,20 @@ otlp_end_span(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     } else {
         Py_DECREF(metrics);
     }
-    Buf b = {0};
-    PyObject *bytes = NULL;
-    if (grow(&b, 320) == 0 && put_span(&b, span) == 0)
-        bytes = PyBytes_FromStringAndSize((const char *)b.data, b.len);
-    PyMem_Free(b.data);
-    PyObject *resource = NULL, *scope = NULL, *fields = NULL, *item = NULL;
+    PyObject *bytes = span_bytes(span), *resource = NULL, *scope = NULL, *item = NULL;
     if (bytes != NULL && (resource = PyObject_GetAttr(span, s__resource)) != NULL &&
         (scope = PyObject_GetAttr(span, s__instrumentation_scope)) != NULL) {
         int truth = PyObject_IsTrue(scope);
-        if (truth >= 0) {
-            if (!truth)
-                Py_SETREF(scope, Py_NewRef(Py_None));
-            fields = PyTuple_Pack(3, resource, scope, bytes);
-            PyObject *packed = fields == NULL ? NULL : PyTuple_Pack(1, fields);
-            item = packed == NULL ? NULL : PyTuple_Type.tp_new((PyTypeObject *)encoded_type, packed, NULL);
-            Py_XDECREF(packed);
+        /* EncodedSpan(resource, scope or None, bytes), made as tuple.__new__ makes it */
+        if (truth >= 0 && (item = ((PyTypeObject *)encoded_type)->tp_alloc((PyTypeObject *)encoded_type, 3)) != NULL) {
+            PyTuple_SET_ITEM(item, 0, Py_NewRef(resource));
+            PyTuple_SET_ITEM(item, 1, Py_NewRef(truth ? scope : Py_None));
+            PyTuple_SET_ITEM(item, 2, Py_NewRef(bytes));
         }
     }
     Py_XDECREF(bytes);
     Py_XDECREF(resource);
     Py_XDECREF(scope);
-    Py_XDECREF(fields);
     PyObject *r;
     if (item == NULL) {
         /* The span cannot be encoded: dropped and counted by failed(span, error), never raised. */

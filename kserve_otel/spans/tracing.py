@@ -400,9 +400,7 @@ def _sampled_step(state: _ProviderState, name: str, attributes: dict[str, Any], 
             state.tracer, state.ids, name, None, parent, trace_id,  # type: ignore[arg-type]
             trace.SpanKind.INTERNAL, attributes,
         )
-    values = context.copy()  # _make_current(span, context), inlined: every sampled step passes here
-    values[_SPAN_KEY] = span
-    return span, _attach(_Context(values))
+    return span, _make_current(span, context)
 
 
 def _dropped(
@@ -482,10 +480,7 @@ def end_server_span(span: Span | None, token: object, error: BaseException | Non
 def end_step_span(handle: SpanHandle, error: BaseException | None = None) -> None:
     """End a span from :func:`start_step_span`, recording ``error`` (if any) with error status."""
     span, token = handle
-    try:
-        _reset(token)  # _detach(token), inlined: every sampled step passes here
-    except Exception:  # noqa: BLE001 - as the API's detach: "Failed to detach context", logged
-        context_api.detach(token)
+    _detach(token)
     if error is not None:
         _record_error(span, error)
     span.end()
