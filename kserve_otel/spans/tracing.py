@@ -72,7 +72,7 @@ class _ProviderState:
     """What one provider's sampler decides, as bounds on ``trace_id & _LOW_64``: a span is sampled when below."""
 
     __slots__ = ("provider", "tracer", "mode", "root", "local", "remote", "quiet_root", "quiet_unsampled",
-                 "ids", "count_dropped", "factories", "dropping_parent")
+                 "ids", "count_dropped", "factories", "dropping_parent", "dropping_context")
 
     def __init__(self, provider: object, tracer: Any, mode: int,
                  bounds: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)) -> None:
@@ -100,6 +100,9 @@ class _ProviderState:
         #: steps have the same parent, and a span's context never changes, so they are decided by one
         #: identity check.
         self.dropping_parent: object = None
+        #: The context that parent was current in: a Context is immutable (the API's class refuses every
+        #: change), so while it is still the current one the decision is one identity check, no lookup.
+        self.dropping_context: object = None
 
 
 _explicit_provider: trace.TracerProvider | None = None
@@ -345,9 +348,14 @@ def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
         return None
     context = _current_context()
     if mode == _DECIDED:
+        if context is state.dropping_context:
+            if state.count_dropped is not None:
+                state.count_dropped(state.dropping_parent.get_span_context(), _DROP)  # type: ignore[attr-defined]
+            return None
         span = context.get(_SPAN_KEY)
         if span is not None:
             if span is state.dropping_parent:
+                state.dropping_context = context
                 if state.count_dropped is not None:
                     state.count_dropped(span.get_span_context(), _DROP)
                 return None
@@ -362,7 +370,7 @@ def start_step_span(name: str, attributes: dict[str, Any]) -> SpanHandle | None:
                 if trace_id & _LOW_64 < (state.remote if parent[2] else state.local)[parent[3] & 1]:
                     return _sampled_step(state, name, attributes, context, parent, trace_id)
                 if not parent[3] & 1 and trace_id & _LOW_64 >= state.quiet_unsampled:
-                    state.dropping_parent = span
+                    state.dropping_parent, state.dropping_context = span, context
                     _count_dropped(state, parent)
                     return None
                 return _dropped(state, context, parent, trace_id)
