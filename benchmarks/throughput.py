@@ -8,8 +8,9 @@ How: each server of :mod:`benchmarks.servers` runs in its own process on a free 
 drives ``POST /v1/models/iris:predict`` at concurrency 1 and 8 (one connection each, keep-alive) for a fixed
 number of seconds after a warm-up, a few times; the table holds the medians of those runs. An uninstrumented
 server and its instrumented twin run side by side and take turns, run after run, so that a slow minute of
-the machine weighs on both; the ratio is the median of each instrumented run over the baseline run just
-before it.
+the machine weighs on both. Each round runs the baseline first and after every instrumented run (A B A C A):
+an instrumented run's ratio is to the geometric mean of the two baseline runs around it, so a drift of the
+machine's speed within the round cancels; the target is the median of those ratios.
 
 Load generators: ``wrk`` when it is installed (``apt-get install wrk``; C, one thread: it leaves the server a
 core of its own), else a small asyncio HTTP/1.1 client in Python. The Python client is CPU-bound: on two cores it
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -380,23 +382,38 @@ def run(quick: bool) -> Section:
                     for kind in kinds:
                         if warmup:
                             answered[kind] += load(loadgen, urls[kind] + PREDICT_PATH, concurrency, warmup).requests
+                    # Each round brackets every instrumented run by baseline runs, the baseline first and
+                    # last: A B A C A D A. A run's ratio is to the geometric mean of the baseline runs either
+                    # side of it, so that a drift of the machine's speed within a round cancels (the machine
+                    # here moves by more than the effects measured from one run to the next).
+                    bracketing: dict[str, list[float]] = {kind: [] for kind in kinds}
+                    base_kind = kinds[0] if kinds and kinds[0] not in BASELINES else None
                     for _ in range(repeats):
-                        for kind in kinds:
-                            results[kind].append(load(loadgen, urls[kind] + PREDICT_PATH, concurrency, seconds))
+                        if base_kind is None:
+                            for kind in kinds:
+                                results[kind].append(load(loadgen, urls[kind] + PREDICT_PATH, concurrency, seconds))
+                            continue
+                        before = load(loadgen, urls[base_kind] + PREDICT_PATH, concurrency, seconds)
+                        results[base_kind].append(before)
+                        for kind in kinds[1:]:
+                            ours = load(loadgen, urls[kind] + PREDICT_PATH, concurrency, seconds)
+                            after = load(loadgen, urls[base_kind] + PREDICT_PATH, concurrency, seconds)
+                            results[kind].append(ours)
+                            results[base_kind].append(after)
+                            if before.rps and after.rps:
+                                bracketing[kind].append(ours.rps / math.sqrt(before.rps * after.rps))
+                            before = after
                     for kind in kinds:
                         answered[kind] += sum(r.requests for r in results[kind])
                         rps, p50, p99, errors = _fmt(results[kind])
                         medians[(kind, concurrency)] = rps
                         base = BASELINES.get(kind, "")
-                        if base in results:
-                            # Each run against the baseline's run just before it, then the median of those.
-                            ratios[(kind, concurrency)] = statistics.median(
-                                ours.rps / theirs.rps for ours, theirs in zip(results[kind], results[base]) if theirs.rps
-                            )
+                        if base in results and bracketing.get(kind):
+                            ratios[(kind, concurrency)] = statistics.median(bracketing[kind])
                         ratio = ratios.get((kind, concurrency))
                         rows.append([
                             kind, str(concurrency), f"{rps:,.0f}", f"{p50:.2f} ms", f"{p99:.2f} ms", str(errors),
-                            f"{repeats} x {seconds} s",
+                            f"{len(results[kind])} x {seconds} s",
                             "—" if ratio is None else f"{ratio:.2f} of {base}",
                         ])
                 traced = [kind for kind in kinds if kind in TRACED]
@@ -442,7 +459,7 @@ def run(quick: bool) -> Section:
             section.targets.append(Target(
                 f"throughput, concurrency {concurrency}: {kind} / {base}", ratios.get((kind, concurrency)), limit,
                 "—" if ours is None or not theirs
-                else f"median of {repeats} paired runs; medians {ours:,.0f} / {theirs:,.0f} requests/s",
+                else f"median of {repeats} bracketed runs; medians {ours:,.0f} / {theirs:,.0f} requests/s",
                 at_least=True,
             ))
     for concurrency in CONCURRENCIES:

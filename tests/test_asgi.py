@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import ServerThread, families, free_port, histogram_count
+from conftest import ServerThread, families, free_port, histogram_count, wait_until
 from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -190,3 +190,46 @@ def test_the_request_span_follows_the_http_semantic_conventions_and_is_its_durat
     exemplars = re.findall(r'^http_server_request_duration_seconds_bucket\{[^}]*http_route="/items/\{item_id\}"[^}]*\}'
                            r' \S+ # \{trace_id="([0-9a-f]{32})",span_id="([0-9a-f]{16})"\}', text, re.M)
     assert (format(request.context.trace_id, "032x"), span_id) in exemplars
+
+
+def test_a_finished_request_leaves_nothing_of_its_trace_behind_on_a_kept_alive_connection(configured, port, spans):
+    """The server's keep-alive timer is set while the response's last message is sent; it must not keep the
+    request's context (and so its span) alive: kept-alive connections would otherwise hold a request span
+    each until the timer goes, long enough for them to reach the collector's oldest generation. Work that
+    runs after the response (a background task) is still part of the request's trace."""
+    import gc
+    import weakref
+
+    from starlette.background import BackgroundTask
+
+    tracer = spans.provider.get_tracer("test")  # type: ignore[attr-defined]
+    seen: list[weakref.ref] = []
+
+    def after_response() -> None:
+        with tracer.start_as_current_span("after the response"):
+            pass
+
+    async def answer(request):
+        seen.append(weakref.ref(trace.get_current_span()))
+        return JSONResponse({"ok": True}, background=BackgroundTask(after_response))
+
+    app = Starlette(routes=[Route("/answer", answer)])
+    with ServerThread(instrument_app(app, http_port=port), port=port) as server:
+        with httpx.Client(base_url=server.url, timeout=10) as client:  # one connection, kept alive
+            for _ in range(5):
+                assert client.get("/answer").json() == {"ok": True}
+            wait_until(lambda: len([s for s in spans.get_finished_spans() if s.kind == trace.SpanKind.SERVER]) == 5,
+                       "the request spans' ends")
+
+            def freed() -> bool:
+                gc.collect()
+                return not [ref for ref in seen if ref() is not None]
+
+            # The last request's middleware may still be returning; well before the 5 s keep-alive timeout,
+            # which would free its context anyway.
+            wait_until(freed, "the request spans to be freed", timeout=2)
+            assert len(seen) == 5
+    finished = spans.get_finished_spans()
+    requests = {s.context.span_id for s in finished if s.kind == trace.SpanKind.SERVER}
+    after = [s for s in finished if s.name == "after the response"]
+    assert len(requests) == 5 and all(s.parent is not None and s.parent.span_id in requests for s in after)

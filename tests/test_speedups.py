@@ -330,6 +330,32 @@ def test_the_request_is_the_apps_send_and_notes_the_status(impl: Impl) -> None:
     assert metrics.duration("POST", route, 500).count == 0
 
 
+def test_only_the_responses_last_message_goes_through_last_send_once(impl: Impl) -> None:
+    """What the request path uses to send that message with the request's context no longer current."""
+    sent: list[tuple[str, Any]] = []
+
+    def send(message: Any) -> str:
+        sent.append(("send", message))
+        return "sent"
+
+    def last_send(inner: Any, message: Any) -> str:
+        assert inner is send
+        sent.append(("last_send", message))
+        return "last"
+
+    request = _recorder(impl).start(_scope(), send)
+    assert request.last_send is None
+    request.last_send = last_send
+    assert request.last_send is last_send
+    start = {"type": "http.response.start", "status": 200, "headers": []}
+    part = {"type": "http.response.body", "body": b"{", "more_body": True}
+    last = {"type": "http.response.body", "body": b"}"}
+    assert [request(start), request(part), request(last), request(last)] == ["sent", "sent", "last", "sent"]
+    assert sent == [("send", start), ("send", part), ("last_send", last), ("send", last)]
+    assert request.last_send is None  # called once, then let go
+    request.finish(_scope())
+
+
 async def test_an_async_send_is_awaited_through_the_request(impl: Impl) -> None:
     sentinel = object()
 

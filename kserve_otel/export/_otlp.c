@@ -1381,6 +1381,11 @@ otlp_end_span(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
             PyTuple_SET_ITEM(item, 0, Py_NewRef(resource));
             PyTuple_SET_ITEM(item, 1, Py_NewRef(truth ? scope : Py_None));
             PyTuple_SET_ITEM(item, 2, Py_NewRef(bytes));
+            /* It holds only the long-lived resource and scope and its bytes, so it can be in no cycle: the
+             * garbage collector need not see it. Spans wait in the export queue for up to a batch (512) or the
+             * schedule delay, long enough to survive young collections; untracked, the thousands queued
+             * under full tracing are never traversed again (they had set off full collections). */
+            PyObject_GC_UnTrack(item);
         }
     }
     Py_XDECREF(bytes);

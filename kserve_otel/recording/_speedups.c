@@ -856,6 +856,7 @@ typedef struct {
     PyObject *status; /* int; 500 until the app starts a response */
     PyObject *scope;  /* the request's scope, where the router leaves the route it matched */
     PyObject *span;   /* the request's recording span, or NULL: its duration becomes an exemplar of it */
+    PyObject *last_send; /* NULL, or a callable sending the response's last message: last_send(send, message) */
     int64_t started_ns;
     int traced;       /* a header the trace propagators read is present */
     int finished;
@@ -889,7 +890,7 @@ static PyObject *str_type, *str_method, *str_headers, *str_route, *str_path, *st
         Py_TYPE(self)->tp_free((PyObject *)self);                                                    \
     }
 
-#define REQUEST_FIELDS(X) X(recorder) X(send) X(method) X(decrement) X(status) X(scope) X(span)
+#define REQUEST_FIELDS(X) X(recorder) X(send) X(method) X(decrement) X(status) X(scope) X(span) X(last_send)
 GC_FIELDS(Request, REQUEST_FIELDS)
 GC_DEALLOC(Request)
 
@@ -934,6 +935,13 @@ Request_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyO
                 if (r == NULL)
                     return NULL;
                 Py_DECREF(r);
+                if (self->last_send != NULL) {
+                    PyObject *last_send = self->last_send;
+                    self->last_send = NULL; /* once */
+                    PyObject *sent = PyObject_CallFunctionObjArgs(last_send, self->send, message, NULL);
+                    Py_DECREF(last_send);
+                    return sent;
+                }
             }
         }
     }
@@ -1051,6 +1059,19 @@ Request_set_span(RequestObject *self, PyObject *value, void *closure)
     return 0;
 }
 
+static PyObject *
+Request_get_last_send(RequestObject *self, void *closure)
+{
+    return Py_NewRef(self->last_send != NULL ? self->last_send : Py_None);
+}
+
+static int
+Request_set_last_send(RequestObject *self, PyObject *value, void *closure)
+{
+    Py_XSETREF(self->last_send, value == NULL || value == Py_None ? NULL : Py_NewRef(value));
+    return 0;
+}
+
 static PyMethodDef Request_methods[] = {
     {"finish", (PyCFunction)Request_finish, METH_O,
      "finish(scope)\n--\n\nThe request is over: one in flight less, and its duration observed by method, route "
@@ -1065,6 +1086,9 @@ static PyGetSetDef Request_getset[] = {
     {"span", (getter)Request_get_span, (setter)Request_set_span,
      "The request's recording span (None by default): finish() then observes the duration through "
      "metrics.observe_traced(series, seconds, span), which keeps its exemplar.", NULL},
+    {"last_send", (getter)Request_get_last_send, (setter)Request_set_last_send,
+     "None, or what sends the response's last message in place of send: last_send(send, message) returns the "
+     "awaitable (called once).", NULL},
     {NULL}
 };
 
@@ -1281,6 +1305,7 @@ HTTPRecorder_start(HTTPRecorderObject *self, PyObject *const *args, Py_ssize_t n
     r->status = Py_NewRef(int_500);
     r->scope = Py_NewRef(scope);
     r->span = NULL;
+    r->last_send = NULL;
     r->traced = traced;
     r->finished = 0;
     PyObject_GC_Track(r);

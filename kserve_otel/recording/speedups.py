@@ -335,8 +335,8 @@ class PyRequest:
     goes out: a request is counted before its client can see it answered, so a process killed right after
     has still counted it. :meth:`finish` ends a request that sent no complete response."""
 
-    __slots__ = ("send", "method", "status", "traced", "span", "_recorder", "_decrement", "_started", "_finished",
-                 "_scope")
+    __slots__ = ("send", "method", "status", "traced", "span", "last_send", "_recorder", "_decrement", "_started",
+                 "_finished", "_scope")
 
     def __init__(self, recorder: PyHTTPRecorder, send: Callable[[Any], Awaitable[None]], method: str,
                  decrement: Callable[[], object], traced: bool, scope: Mapping[str, Any]) -> None:
@@ -352,6 +352,9 @@ class PyRequest:
         #: The request's recording span (``None`` by default): :meth:`finish` then observes the duration through
         #: ``metrics.observe_traced(series, seconds, span)``, which keeps its exemplar.
         self.span: Any = None
+        #: ``None``, or what sends the response's last message in place of ``send``: ``last_send(send, message)``
+        #: returns the awaitable (called once).
+        self.last_send: Callable[[Callable[[Any], Awaitable[None]], Any], Awaitable[None]] | None = None
         self._finished = False
         self._started = perf_counter()
 
@@ -362,6 +365,9 @@ class PyRequest:
             self.status = message.get("status", self.status)
         elif kind == _RESPONSE_BODY and not self._finished and not message.get("more_body", False):
             self.finish(self._scope or {})
+            last_send, self.last_send = self.last_send, None
+            if last_send is not None:
+                return last_send(self.send, message)
         return self.send(message)
 
     def finish(self, scope: Mapping[str, Any]) -> None:

@@ -170,6 +170,7 @@ async def _in_context(app: ASGIApp, scope: Scope, receive: Receive, send: Any, p
         await app(scope, receive, send)
         return
     token = context_api.attach(parent)
+    send.last_send = tracing.sender_outside(token)
     try:
         await app(scope, receive, send)
     finally:
@@ -181,6 +182,8 @@ async def _with_server_span(app: ASGIApp, scope: Scope, receive: Receive, reques
     method = request.method
     span, token = tracing.start_server_span(method, lambda: request_attributes(scope, method), parent)
     request.span = span  # the duration's exemplar
+    if token is not None:
+        request.last_send = tracing.sender_outside(token)
     error: BaseException | None = None
     try:
         await app(scope, receive, request)

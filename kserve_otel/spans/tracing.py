@@ -31,9 +31,11 @@ global one, looked up on each call so that a provider installed after the step w
 
 from __future__ import annotations
 
+import contextvars
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from functools import partial
 from typing import Any
 
 from opentelemetry import context as context_api
@@ -287,6 +289,32 @@ def _context_writers() -> tuple[Callable[[context_api.Context], Any], Callable[[
 
 
 _attach, _reset = _context_writers()
+#: The runtime context's ContextVar where _attach is its ``set`` (else ``None``), and its value where unset.
+_VARIABLE: ContextVar[Any] | None = getattr(_attach, "__self__", None)
+_UNSET_VALUE = contextvars.Context().run(_VARIABLE.get) if _VARIABLE is not None else None
+
+
+def sender_outside(token: object) -> Callable[[Callable[[Any], Awaitable[None]], Any], Awaitable[None]] | None:
+    """For a request whose context was made current by ``token`` (an attach of this module's): a
+    ``last_send(send, message)`` that sends the response's last message with the context before it current
+    again (then restores the request's), or ``None`` where the runtime context is not the API's default one.
+
+    Why: the server's keep-alive timer, set while that message is sent, copies the current context, and a
+    cancelled timer lingers in the event loop's heap until it is purged, about a hundred requests later:
+    each would keep its request's context, span included, alive long enough to reach the garbage collector's
+    older generations (under full tracing they had set off a full collection every few seconds)."""
+    if _VARIABLE is None or type(token) is not contextvars.Token:
+        return None
+    outer = token.old_value
+    return partial(_send_outside, _UNSET_VALUE if outer is contextvars.Token.MISSING else outer)
+
+
+async def _send_outside(outer: Any, send: Callable[[Any], Awaitable[None]], message: Any) -> None:
+    inner = _VARIABLE.set(outer)  # type: ignore[union-attr]
+    try:
+        await send(message)
+    finally:
+        _VARIABLE.reset(inner)  # type: ignore[union-attr]
 _Context = context_api.Context
 _DEFAULT_TRACE_STATE = trace.DEFAULT_TRACE_STATE
 
