@@ -236,6 +236,62 @@ def test_a_step_span_started_in_c_is_the_span_the_python_path_makes(parent, monk
     assert request.SerializeToString() == sdk_encode_spans(spans).SerializeToString()
 
 
+@pytest.mark.parametrize("parent", ["root", "sampled", "remote unsampled random", "remote sampled"])
+def test_a_dropped_spans_non_recording_span_is_made_in_c_as_in_python(monkeypatch, parent):
+    """Where the sampler drops a span (a ratio sampler's root, or ALWAYS_OFF under a sampled parent), the SDK's
+    non-recording span of that trace is made current: in one C call (kserve_otel.spans._spans.dropped_current)
+    as in Python, field for field, with the flags and trace state the SDK gives it."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    assert tracing._dropped_current is not None, "the C extension kserve_otel.spans._spans is built and used here"
+    state = TraceState([("k", "v")])
+    parents = {
+        "root": None,
+        "sampled": SpanContext(0xABC, 0xDEF, False, TraceFlags(TraceFlags.SAMPLED), state),
+        "remote unsampled random": SpanContext(0xABC, 0xDEF, True, TraceFlags(TraceFlags.RANDOM_TRACE_ID), state),
+        "remote sampled": SpanContext(0xABC, 0xDEF, True, TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)),
+    }
+    # Roots are dropped at ratio 0, children of sampled and of remote unsampled parents by ALWAYS_OFF; children
+    # of unsampled local spans are sampled, so a dropped span's children are not all dropped: its
+    # non-recording span must be made.
+    sampler = ParentBased(TraceIdRatioBased(0.0), local_parent_sampled=ALWAYS_OFF, remote_parent_sampled=ALWAYS_OFF,
+                          local_parent_not_sampled=ALWAYS_ON, remote_parent_not_sampled=ALWAYS_OFF)
+    provider = TracerProvider(sampler=sampler)
+    tracing.set_tracer_provider(provider)
+    handles, currents = [], []
+    try:
+        for path in ("c", "python"):
+            if path == "python":
+                monkeypatch.setattr(tracing, "_dropped_current", None)
+            context = context_api.Context() if parents[parent] is None else trace.set_span_in_context(
+                trace.NonRecordingSpan(parents[parent]))
+            token = context_api.attach(context)
+            try:
+                handle = tracing.start_step_span("predict iris", ATTRIBUTES)
+                assert handle is not None
+                currents.append(context_api.get_current())
+                tracing.end_step_span(handle)
+            finally:
+                context_api.detach(token)
+            handles.append(handle)
+    finally:
+        tracing.set_tracer_provider(None)
+    (c_span, _), (python_span, _) = handles
+    assert type(c_span) is type(python_span) is trace.NonRecordingSpan
+    assert set(c_span.__dict__) == set(python_span.__dict__) == {"_context"}
+    c, py = c_span.get_span_context(), python_span.get_span_context()
+    assert type(c) is type(py) is SpanContext and c.is_valid and py.is_valid and c.span_id != py.span_id
+    assert (c.is_remote, c.trace_flags, c.trace_state) == (py.is_remote, py.trace_flags, py.trace_state)
+    assert not c.trace_flags.sampled and c.is_remote is False
+    if parent == "root":
+        assert c.trace_state == trace.DEFAULT_TRACE_STATE and c.trace_id != py.trace_id
+    else:
+        assert c.trace_id == py.trace_id == 0xABC and c.trace_state is parents[parent].trace_state
+        assert c.trace_flags & TraceFlags.RANDOM_TRACE_ID == parents[parent].trace_flags & TraceFlags.RANDOM_TRACE_ID
+    assert [type(current) for current in currents] == [context_api.Context] * 2
+    assert currents[0][_span_key()] is c_span and currents[1][_span_key()] is python_span
+
+
 def _span_key() -> str:
     from opentelemetry.trace.propagation import _SPAN_KEY
 

@@ -1,4 +1,5 @@
-/* kserve_otel.spans._spans: a sampled step span's start, made current, in one C call.
+/* kserve_otel.spans._spans: a sampled step span's start, made current, in one C call; and the non-recording
+ * span of a dropped one (dropped_current, below).
  *
  * Why: a traced request starts a span per step. In Python that start (kserve_otel.spans.span_factory's
  * SpanFactory.start, then the context copied with the span in it and set in the runtime context's ContextVar)
@@ -112,6 +113,19 @@ new_span_context(PyObject *trace_id, PyObject *span_id, PyObject *flags, PyObjec
     return context;
 }
 
+/* Context(context) with span under the span key, made current: the token (new reference), NULL on error. */
+static PyObject *
+make_current(PyObject *context, PyObject *span)
+{
+    /* Context(context) with the span under the span key: the dict's own insertion, past Context's refusal. */
+    PyObject *current = PyObject_CallOneArg((PyObject *)context_type, context);
+    PyObject *token = NULL;
+    if (current != NULL && PyDict_SetItem(current, span_key, span) == 0)
+        token = PyContextVar_Set(context_var, current);
+    Py_XDECREF(current);
+    return token;
+}
+
 /* start_current(span_class, tracer, context, parent, trace_id, root_flags, root_trace_state) -> (span, token) or
  * None: see the top of this file. parent is the parent's valid SpanContext or None for a root of trace_id. */
 static PyObject *
@@ -164,7 +178,7 @@ spans_start_current(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize
         return NULL;
     PyTypeObject *type = (PyTypeObject *)span_class;
     PyObject *span = type->tp_alloc(type, 0);
-    PyObject *start_time = NULL, *current = NULL, *token = NULL, *result = NULL;
+    PyObject *start_time = NULL, *token = NULL, *result = NULL;
     struct timespec now;
     if (span == NULL)
         goto done;
@@ -176,18 +190,51 @@ spans_start_current(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize
     if (start_time == NULL || PyObject_SetAttr(span, s__context, span_context) < 0 ||
         PyObject_SetAttr(span, s__parent, parent) < 0 || PyObject_SetAttr(span, s__start_time, start_time) < 0)
         goto done;
-    /* Context(context) with the span under the span key: the dict's own insertion, past Context's refusal. */
-    current = PyObject_CallOneArg((PyObject *)context_type, context);
-    if (current == NULL || PyDict_SetItem(current, span_key, span) < 0)
-        goto done;
-    token = PyContextVar_Set(context_var, current);
+    token = make_current(context, span);
     if (token != NULL)
         result = PyTuple_Pack(2, span, token);
 done:
     Py_DECREF(span_context);
     Py_XDECREF(span);
     Py_XDECREF(start_time);
-    Py_XDECREF(current);
+    Py_XDECREF(token);
+    return result;
+}
+
+/* dropped_current(span_type, context, trace_id, flags, trace_state) -> (span, token): the non-recording span
+ * the SDK makes for a span its sampler dropped (span_type: the API's NonRecordingSpan, whose one field is
+ * _context), with a new span id, made current in Context(context). What kserve_otel.spans.tracing._dropped
+ * makes in Python, in one call: an unsampled request of a ratio sampler takes this path. */
+static PyObject *
+spans_dropped_current(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "dropped_current(span_type, context, trace_id, flags, trace_state)");
+        return NULL;
+    }
+    if (span_context_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "dropped_current: bind() was not called");
+        return NULL;
+    }
+    PyObject *span_type = args[0], *context = args[1];
+    if (!PyType_Check(span_type) || !PyDict_Check(context)) {
+        PyErr_SetString(PyExc_TypeError, "dropped_current: span_type must be a type and context a Context");
+        return NULL;
+    }
+    PyObject *span_id = new_span_id();
+    if (span_id == NULL)
+        return NULL;
+    PyObject *span_context = new_span_context(args[2], span_id, args[3], args[4]);
+    Py_DECREF(span_id);
+    if (span_context == NULL)
+        return NULL;
+    PyTypeObject *type = (PyTypeObject *)span_type;
+    PyObject *span = type->tp_alloc(type, 0), *token = NULL, *result = NULL;
+    if (span != NULL && PyObject_SetAttr(span, s__context, span_context) == 0 &&
+        (token = make_current(context, span)) != NULL)
+        result = PyTuple_Pack(2, span, token);
+    Py_DECREF(span_context);
+    Py_XDECREF(span);
     Py_XDECREF(token);
     return result;
 }
@@ -199,6 +246,9 @@ static PyMethodDef spans_methods[] = {
     {"start_current", (PyCFunction)(void (*)(void))spans_start_current, METH_FASTCALL,
      PyDoc_STR("start_current(span_class, tracer, context, parent, trace_id, root_flags, root_trace_state) -> "
                "(span, token) or None: a template span started and made current (None: take the Python path).")},
+    {"dropped_current", (PyCFunction)(void (*)(void))spans_dropped_current, METH_FASTCALL,
+     PyDoc_STR("dropped_current(span_type, context, trace_id, flags, trace_state) -> (span, token): a non-recording "
+               "span with a new span id, made current.")},
     {NULL, NULL, 0, NULL},
 };
 

@@ -108,7 +108,9 @@ class _ProviderState:
 
 
 _explicit_provider: trace.TracerProvider | None = None
-_state = _ProviderState(None, None, _OFF)
+#: Analysed for no provider yet: the first call analyses whatever the provider is (one from
+#: ``OTEL_PYTHON_TRACER_PROVIDER`` included, which the API loads at its first lookup).
+_state = _ProviderState(object(), None, _OFF)
 
 
 def set_tracer_provider(provider: trace.TracerProvider | None) -> None:
@@ -200,9 +202,14 @@ def _is_sdk_class(sampler: Any, base: type, method: str) -> bool:
 
 def _provider_state() -> _ProviderState:
     """What is known of the provider spans go to now (analysed again whenever it is another one)."""
-    provider = current_provider()
+    # current_provider() inlined for the common cases (a request's path, every request).
+    provider = _explicit_provider
+    if provider is None:
+        provider = trace._TRACER_PROVIDER
+        if provider is None and not _PROVIDER_FROM_ENVIRONMENT:
+            provider = _PROXY_PROVIDER
     state = _state
-    return state if provider is state.provider else _analyse(provider)
+    return state if provider is state.provider else _analyse(current_provider())
 
 
 def tracer_if_recording(parent_context: context_api.Context | None = None) -> Any:
@@ -319,10 +326,11 @@ _Context = context_api.Context
 _DEFAULT_TRACE_STATE = trace.DEFAULT_TRACE_STATE
 
 
-def _c_start_current() -> Callable[..., SpanHandle | None] | None:
-    """``kserve_otel.spans._spans.start_current`` (a step span from its template, started and made current in
-    one C call), where the extension is built and allowed and the runtime context is the API's default one
-    (whose ContextVar it sets); else ``None``: the Python path."""
+def _c_spans() -> Any:
+    """The extension ``kserve_otel.spans._spans``, bound to the API's classes, where it is built and allowed
+    and the runtime context is the API's default one (whose ContextVar it sets); else ``None``: the Python
+    path. Its ``start_current`` starts a step span from its template and makes it current, its
+    ``dropped_current`` makes a dropped span's non-recording span current, each in one call."""
     if os.environ.get("KSERVE_OTEL_NO_EXTENSION") or getattr(_attach, "__self__", None) is None:
         return None
     try:
@@ -334,10 +342,12 @@ def _c_start_current() -> Callable[..., SpanHandle | None] | None:
     flags = trace.TraceFlags
     _spans.bind(SpanContext, _Context, flags(flags.SAMPLED), flags(flags.SAMPLED | flags.RANDOM_TRACE_ID),
                 random.getrandbits, _attach.__self__, _SPAN_KEY)
-    return _spans.start_current
+    return _spans
 
 
-_start_current = _c_start_current()
+_C_SPANS = _c_spans()
+_start_current: Callable[..., SpanHandle | None] | None = None if _C_SPANS is None else _C_SPANS.start_current
+_dropped_current: Callable[..., SpanHandle] | None = None if _C_SPANS is None else _C_SPANS.dropped_current
 
 
 def _make_current(span: Span, context: context_api.Context) -> object:
@@ -444,17 +454,22 @@ def _dropped(
 ) -> SpanHandle:
     """The non-recording span the SDK makes for a dropped span, made current: its children are decided as
     children of a dropped local span of this trace, and outgoing calls carry the trace with its flag off."""
-    _count_dropped(state, parent)
+    if state.count_dropped is not None:
+        state.count_dropped(parent, _DROP)
     ids = state.ids
     if parent is None:
-        flags, trace_state = ids.root_flags[0], None  # type: ignore[union-attr]
+        flags, trace_state = ids.root_flags[0], _DEFAULT_TRACE_STATE  # type: ignore[union-attr]
     else:
         flags, trace_state = _DROPPED_FLAGS[parent[3] & _RANDOM_FLAG], parent[4]
+    if _dropped_current is not None and ids.span_id is _RANDOM_SPAN_ID:  # type: ignore[union-attr]
+        return _dropped_current(NonRecordingSpan, context, trace_id, flags, trace_state)  # the same, in C
     span = NonRecordingSpan(SpanContext(trace_id, ids.span_id(), False, flags, trace_state))  # type: ignore[union-attr]
     return span, _make_current(span, context)
 
 
 _RANDOM_FLAG = trace.TraceFlags.RANDOM_TRACE_ID
+#: The span ids of the SDK's RandomIdGenerator (random.getrandbits(64), never 0), as C's dropped_current draws them.
+_RANDOM_SPAN_ID = _factory._random_span_id
 #: Flags of a dropped child, by its parent's random-trace-id flag (the SDK passes only that one on).
 _DROPPED_FLAGS = {0: trace.TraceFlags(trace.TraceFlags.DEFAULT), _RANDOM_FLAG: trace.TraceFlags(_RANDOM_FLAG)}
 
