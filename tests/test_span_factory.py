@@ -208,14 +208,8 @@ def test_a_step_span_started_in_c_is_the_span_the_python_path_makes(parent, monk
                 else:
                     monkeypatch.setattr(SpanFactory, "start", python_start)
                     monkeypatch.setattr(tracing, "_start_current", None)
-                token = context_api.attach(parents[parent])
-                try:
-                    handle = tracing.start_step_span("predict iris", ATTRIBUTES)
-                    assert handle is not None
-                    currents.append(context_api.get_current())
-                    tracing.end_step_span(handle)
-                finally:
-                    context_api.detach(token)
+                handle, current = _step_in(parents[parent])
+                currents.append(current)
                 spans.append(handle[0])
         finally:
             tracing.set_tracer_provider(None)
@@ -265,14 +259,8 @@ def test_a_dropped_spans_non_recording_span_is_made_in_c_as_in_python(monkeypatc
                 monkeypatch.setattr(tracing, "_dropped_current", None)
             context = context_api.Context() if parents[parent] is None else trace.set_span_in_context(
                 trace.NonRecordingSpan(parents[parent]))
-            token = context_api.attach(context)
-            try:
-                handle = tracing.start_step_span("predict iris", ATTRIBUTES)
-                assert handle is not None
-                currents.append(context_api.get_current())
-                tracing.end_step_span(handle)
-            finally:
-                context_api.detach(token)
+            handle, current = _step_in(context)
+            currents.append(current)
             handles.append(handle)
     finally:
         tracing.set_tracer_provider(None)
@@ -290,6 +278,19 @@ def test_a_dropped_spans_non_recording_span_is_made_in_c_as_in_python(monkeypatc
         assert c.trace_flags & TraceFlags.RANDOM_TRACE_ID == parents[parent].trace_flags & TraceFlags.RANDOM_TRACE_ID
     assert [type(current) for current in currents] == [context_api.Context] * 2
     assert currents[0][_span_key()] is c_span and currents[1][_span_key()] is python_span
+
+
+def _step_in(context: Any) -> tuple[Any, Any]:
+    """Start and end a step span with ``context`` current: its handle and the context current inside it."""
+    token = context_api.attach(context)
+    try:
+        handle = tracing.start_step_span("predict iris", ATTRIBUTES)
+        assert handle is not None
+        current = context_api.get_current()
+        tracing.end_step_span(handle)
+    finally:
+        context_api.detach(token)
+    return handle, current
 
 
 def _span_key() -> str:

@@ -322,6 +322,8 @@ async def _send_outside(outer: Any, send: Callable[[Any], Awaitable[None]], mess
         await send(message)
     finally:
         _VARIABLE.reset(inner)  # type: ignore[union-attr]
+
+
 _Context = context_api.Context
 _DEFAULT_TRACE_STATE = trace.DEFAULT_TRACE_STATE
 
@@ -331,7 +333,7 @@ def _c_spans() -> Any:
     and the runtime context is the API's default one (whose ContextVar it sets); else ``None``: the Python
     path. Its ``start_current`` starts a step span from its template and makes it current, its
     ``dropped_current`` makes a dropped span's non-recording span current, each in one call."""
-    if os.environ.get("KSERVE_OTEL_NO_EXTENSION") or getattr(_attach, "__self__", None) is None:
+    if os.environ.get("KSERVE_OTEL_NO_EXTENSION") or _VARIABLE is None:
         return None
     try:
         from . import _spans  # type: ignore[attr-defined]
@@ -341,7 +343,7 @@ def _c_spans() -> Any:
 
     flags = trace.TraceFlags
     _spans.bind(SpanContext, _Context, flags(flags.SAMPLED), flags(flags.SAMPLED | flags.RANDOM_TRACE_ID),
-                random.getrandbits, _attach.__self__, _SPAN_KEY)
+                random.getrandbits, _VARIABLE, _SPAN_KEY)
     return _spans
 
 
